@@ -1,0 +1,20 @@
+"""SmPO: Smoothed Preference Optimization via ReNoise Inversion (ICML 2025).
+
+The whole method lives in three pure functions:
+
+- :func:`smpo.labels.preference_weight` turns two reward-model scores into a winner and a
+  smoothed per-pair weight,
+- :func:`smpo.renoise.renoise_inversion` finds the noisy latent the model itself would pass
+  through at timestep t (instead of random forward noise),
+- :func:`smpo.losses.preference_loss` is the weighted Diffusion-DPO objective.
+
+:mod:`smpo.data` loads and pairs the images; :mod:`smpo.training` is the loop both training
+scripts share.
+"""
+
+from .labels import preference_weight
+from .losses import preference_loss, sft_loss
+from .renoise import forward_noise, renoise_inversion
+
+__all__ = ["preference_weight", "preference_loss", "sft_loss", "renoise_inversion", "forward_noise"]
+__version__ = "0.1.0"

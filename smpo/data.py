@@ -1,0 +1,296 @@
+"""Preference pairs: loading, checking, decoding, ordering winner first, and image transforms.
+
+A preference dataset has the Pick-a-Pic v2 columns ``caption``, ``jpg_0``, ``jpg_1`` (encoded image
+bytes) and ``label_0`` (1: image 0 preferred, 0: image 1 preferred, 0.5: tie); SmPO also needs
+``reward_score_0`` / ``reward_score_1`` written by ``score_pairs.py``. Both training scripts and
+``score_pairs.py`` use this module, so every path through the project sees the same pairs.
+"""
+
+import glob
+import io
+import json
+import logging
+import math
+import os
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("jpg_0", "jpg_1")
+LABEL_COLUMN = "label_0"
+SCORE_COLUMNS = ("reward_score_0", "reward_score_1")
+
+
+class PreferenceDataError(ValueError):
+    """The preference data cannot be trained on as given; the message says what to fix."""
+
+
+# ----------------------------------------------------------------------------------- loading
+def load_preference_dataset(name_or_path, split="train", cache_dir=None):
+    """Load a preference dataset as a ``datasets.Dataset``.
+
+    ``name_or_path`` may be a hub dataset id, a ``save_to_disk`` folder (Dataset or DatasetDict),
+    a folder (or file) of parquet files, or a folder of image files with a ``metadata.jsonl``
+    whose lines hold ``caption``, ``image_0``, ``image_1`` (paths relative to the folder) and
+    ``label_0``; its images are read when a pair is used.
+    """
+    import datasets
+
+    if os.path.isdir(name_or_path):
+        if os.path.exists(os.path.join(name_or_path, "metadata.jsonl")):
+            return _load_image_folder(name_or_path)
+        if any(os.path.exists(os.path.join(name_or_path, f)) for f in ("state.json", "dataset_dict.json")):
+            loaded = datasets.load_from_disk(name_or_path)
+            return _pick_split(loaded, split, name_or_path)
+        parquet = sorted(glob.glob(os.path.join(name_or_path, "**", "*.parquet"), recursive=True))
+        if parquet:
+            return datasets.load_dataset("parquet", data_files=parquet, split="train", cache_dir=cache_dir)
+        raise PreferenceDataError(
+            f"{name_or_path} is a folder but holds no metadata.jsonl, no save_to_disk dataset "
+            "(state.json / dataset_dict.json) and no parquet files."
+        )
+    if os.path.isfile(name_or_path) and name_or_path.endswith(".parquet"):
+        return datasets.load_dataset("parquet", data_files=[name_or_path], split="train", cache_dir=cache_dir)
+    return datasets.load_dataset(name_or_path, split=split, cache_dir=cache_dir)
+
+
+def _pick_split(loaded, split, where):
+    if isinstance(loaded, dict):  # DatasetDict
+        if split not in loaded:
+            raise PreferenceDataError(
+                f"{where} has splits {sorted(loaded)}, not '{split}': set --dataset_split_name."
+            )
+        return loaded[split]
+    return loaded
+
+
+def _load_image_folder(folder):
+    import datasets
+
+    path = os.path.join(folder, "metadata.jsonl")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PreferenceDataError(f"{path}, line {line_no}: not valid JSON ({e}).") from None
+            missing = [k for k in ("caption", "image_0", "image_1") if k not in row]
+            if missing:
+                raise PreferenceDataError(f"{path}, line {line_no}: missing keys {missing} (found {sorted(row)}).")
+            row["jpg_0"] = os.path.join(folder, row.pop("image_0"))
+            row["jpg_1"] = os.path.join(folder, row.pop("image_1"))
+            rows.append(row)
+    if not rows:
+        raise PreferenceDataError(f"{path} holds no pairs.")
+    return datasets.Dataset.from_list(rows)
+
+
+def check_columns(column_names, caption_column, loss_type):
+    """Raise a PreferenceDataError naming what is missing and how to fix it."""
+    found = sorted(column_names)
+    if caption_column not in column_names:
+        raise PreferenceDataError(
+            f"caption column '{caption_column}' not found; the dataset has columns {found}. "
+            "Set --caption_column."
+        )
+    missing = [c for c in IMAGE_COLUMNS if c not in column_names]
+    if missing:
+        raise PreferenceDataError(
+            f"image columns {missing} not found; the dataset has columns {found}. A preference dataset "
+            "needs jpg_0 and jpg_1 (encoded images) as in Pick-a-Pic v2."
+        )
+    if loss_type == "smpo" and not all(c in column_names for c in SCORE_COLUMNS):
+        raise PreferenceDataError(
+            f"--loss_type smpo needs reward scores in columns {list(SCORE_COLUMNS)}; the dataset has "
+            f"columns {found}. Run score_pairs.py on it first (python score_pairs.py --dataset_name ... "
+            "--output_dir SCORED) and train on SCORED, or use --loss_type dpo for human labels."
+        )
+    if loss_type in ("dpo", "sft") and LABEL_COLUMN not in column_names:
+        raise PreferenceDataError(
+            f"--loss_type {loss_type} needs the human label column '{LABEL_COLUMN}'; the dataset has "
+            f"columns {found}."
+        )
+
+
+def select_pairs(dataset, loss_type, max_train_samples=None, seed=None):
+    """Row indices to train on, and counts of what was left out and why.
+
+    dpo/sft: ties (label_0 = 0.5) carry no binary preference and are dropped (counted).
+    smpo: pairs with a NaN/inf reward score are dropped (counted); ties in the human label do
+    not matter since the reward model decides. ``max_train_samples`` keeps a seeded random
+    subset, like the diffusers scripts.
+    """
+    num_rows = len(dataset)
+    keep = np.ones(num_rows, dtype=bool)
+    dropped = {}
+    if loss_type == "smpo":
+        scores = np.stack([np.asarray(dataset[c], dtype=np.float64) for c in SCORE_COLUMNS], axis=1)
+        bad = ~np.isfinite(scores).all(axis=1)
+        dropped["non-finite reward score"] = int(bad.sum())
+        keep &= ~bad
+    else:
+        labels = np.asarray(dataset[LABEL_COLUMN], dtype=np.float64)
+        tie = labels == 0.5
+        invalid = ~(tie | (labels == 0) | (labels == 1))
+        if invalid.any():
+            rows = np.flatnonzero(invalid)[:10].tolist()
+            raise PreferenceDataError(f"column {LABEL_COLUMN} must be 0, 0.5 or 1; rows {rows} are not.")
+        dropped["tie (label_0 = 0.5)"] = int(tie.sum())
+        keep &= ~tie
+    rows = np.flatnonzero(keep)
+    if max_train_samples is not None and max_train_samples < len(rows):
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.permutation(rows)[:max_train_samples])
+    if len(rows) == 0:
+        raise PreferenceDataError(f"no pairs left to train on out of {num_rows} (dropped: {dropped}).")
+    return rows.tolist(), dropped
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """The selected rows of a preference dataset; each item remembers its row index."""
+
+    def __init__(self, dataset, rows):
+        self.dataset, self.rows = dataset, list(rows)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        return {"row": row, **self.dataset[row]}
+
+
+# ---------------------------------------------------------------------------------- decoding
+def open_image(value):
+    """An RGB PIL image from encoded bytes, a datasets Image dict, a file path or a PIL image."""
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, dict):
+        image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+    elif isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    elif isinstance(value, str):
+        image = Image.open(value)
+    else:
+        raise TypeError(f"cannot read an image from a {type(value).__name__}")
+    image.load()  # decode now, so truncated data fails here and not later
+    return image.convert("RGB")
+
+
+# -------------------------------------------------------------------------------- transforms
+class PairTransform:
+    """Resize (shorter side), crop to a square and flip both images of a pair.
+
+    Each image keeps its own original size and gets its own crop (the two may differ in size);
+    the flip is shared by the pair. Random choices come from ``rng`` so they are reproducible.
+    Returns per image: a (3, R, R) tensor in [-1, 1], the original (height, width) and the crop's
+    (top, left), which SDXL's micro-conditioning needs.
+    """
+
+    def __init__(self, resolution, random_crop=False, hflip=True):
+        self.resolution, self.random_crop, self.hflip = resolution, random_crop, hflip
+
+    def __call__(self, images, rng):
+        flip = self.hflip and rng.random() < 0.5
+        return [self._one(image, flip, rng) for image in images]
+
+    def _one(self, image, flip, rng):
+        res = self.resolution
+        original_size = (image.height, image.width)
+        scale = res / min(image.width, image.height)
+        width, height = max(res, round(image.width * scale)), max(res, round(image.height * scale))
+        image = image.resize((width, height), Image.BILINEAR)
+        if self.random_crop:
+            top, left = rng.randint(0, height - res), rng.randint(0, width - res)
+        else:
+            top, left = (height - res) // 2, (width - res) // 2
+        image = image.crop((left, top, left + res, top + res))
+        if flip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            left = width - res - left  # the crop as seen in the flipped image
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        return pixels, original_size, (top, left)
+
+
+# ----------------------------------------------------------------------------------- collate
+class PreferenceCollator:
+    """Turn rows into a training batch with the winner of every pair first.
+
+    The batch holds ``pixel_values`` (2B, 3, R, R): the B winners, then the B losers;
+    ``original_sizes`` and ``crop_top_lefts`` (2B, 2) in the same order; ``captions`` (B);
+    ``weight`` (B,): the smoothed preference weight (smpo) or 1 (dpo, sft); ``rows`` (B,).
+
+    smpo: the reward scores choose the winner and weight (``smpo.labels.preference_weight``).
+    dpo / sft: the human label chooses the winner (ties were removed by ``select_pairs``).
+    A pair with an unreadable image is dropped whole and logged with its row; a batch with no
+    readable pair becomes None.
+    """
+
+    def __init__(self, transform, loss_type, caption_column="caption", temperature=None, gamma=None,
+                 proportion_empty_prompts=0.0, seed=0):
+        self.transform, self.loss_type, self.caption_column = transform, loss_type, caption_column
+        self.temperature, self.gamma = temperature, gamma
+        self.proportion_empty_prompts, self.seed = proportion_empty_prompts, seed
+        self.epoch = 0
+        self.bad_rows = []
+
+    def winner_and_weight(self, examples):
+        from .labels import preference_weight
+
+        if self.loss_type == "smpo":
+            score_0 = torch.tensor([float(e[SCORE_COLUMNS[0]]) for e in examples])
+            score_1 = torch.tensor([float(e[SCORE_COLUMNS[1]]) for e in examples])
+            return preference_weight(score_0, score_1, self.temperature, self.gamma)
+        image_0_wins = torch.tensor([float(e[LABEL_COLUMN]) == 1.0 for e in examples])
+        return image_0_wins, torch.ones(len(examples))
+
+    def __call__(self, examples):
+        decoded = []
+        for e in examples:
+            try:
+                decoded.append((e, [open_image(e[c]) for c in IMAGE_COLUMNS]))
+            except Exception as err:  # noqa: BLE001 - any decoding failure drops the whole pair
+                self.bad_rows.append(e["row"])
+                logger.warning("dropping pair at row %d: unreadable image (%s); %d bad pairs so far",
+                               e["row"], err, len(self.bad_rows))
+        if not decoded:
+            return None
+        examples = [e for e, _ in decoded]
+        image_0_wins, weight = self.winner_and_weight(examples)
+
+        winners, losers, captions = [], [], []
+        for (example, images), zero_wins in zip(decoded, image_0_wins.tolist()):
+            rng = random.Random(f"{self.seed}-{self.epoch}-{example['row']}")
+            pair = self.transform(images, rng)
+            winners.append(pair[0] if zero_wins else pair[1])
+            losers.append(pair[1] if zero_wins else pair[0])
+            caption = example[self.caption_column]
+            if self.proportion_empty_prompts and rng.random() < self.proportion_empty_prompts:
+                caption = ""
+            captions.append(caption if isinstance(caption, str) else str(caption))
+        both = winners + losers
+        return {
+            "pixel_values": torch.stack([p for p, _, _ in both]),
+            "original_sizes": torch.tensor([s for _, s, _ in both]),
+            "crop_top_lefts": torch.tensor([c for _, _, c in both]),
+            "captions": captions,
+            "weight": weight.float(),
+            "rows": torch.tensor([e["row"] for e in examples]),
+        }
+
+
+def describe_drops(dropped, total):
+    """One log line for what select_pairs left out."""
+    parts = [f"{n} {why}" for why, n in dropped.items() if n]
+    return f"training on {total} pairs" + (f"; dropped {', '.join(parts)}" if parts else "")
+
+
+def num_update_steps_per_epoch(num_batches, gradient_accumulation_steps):
+    return math.ceil(num_batches / gradient_accumulation_steps)

@@ -1,0 +1,53 @@
+"""Shared fixtures: the tiny offline assets are built once per test session."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Nothing in the tests may reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def run_script(args, cwd=ROOT, timeout=600, check=True, env=None):
+    """Run a command (a list) and return the CompletedProcess; on failure show its output."""
+    full_env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
+            f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+        )
+    return proc
+
+
+def accelerate_launch(script, *args, **kwargs):
+    """`accelerate launch` on one CPU process, as a user would run it."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", os.path.join(ROOT, script), *map(str, args)]
+    return run_script(cmd, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """examples/make_tiny_assets.py output: tiny-sd, tiny-sd-vpred, tiny-sdxl, tiny-reward, tiny-pickapic."""
+    out = tmp_path_factory.mktemp("tiny")
+    run_script([sys.executable, os.path.join(ROOT, "examples", "make_tiny_assets.py"), str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
+def scored_dataset(tiny_assets, tmp_path_factory):
+    """tiny-pickapic scored by the tiny reward model through score_pairs.py."""
+    out = tmp_path_factory.mktemp("scored") / "tiny-pickapic-scored"
+    run_script([sys.executable, os.path.join(ROOT, "score_pairs.py"),
+                "--dataset_name", str(tiny_assets / "tiny-pickapic"),
+                "--reward_model_name_or_path", str(tiny_assets / "tiny-reward"),
+                "--output_dir", str(out), "--batch_size", "4", "--device", "cpu"])
+    return out
