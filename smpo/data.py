@@ -38,6 +38,20 @@ def load_preference_dataset(name_or_path, split="train", cache_dir=None):
     whose lines hold ``caption``, ``image_0``, ``image_1`` (paths relative to the folder) and
     ``label_0``; its images are read when a pair is used.
     """
+    return _undecoded_images(_load(name_or_path, split, cache_dir))
+
+
+def _undecoded_images(dataset):
+    """Keep image columns as bytes: decoding happens in open_image, where a bad image drops its pair."""
+    import datasets
+
+    for name, feature in dataset.features.items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+    return dataset
+
+
+def _load(name_or_path, split, cache_dir):
     import datasets
 
     if os.path.isdir(name_or_path):
@@ -71,8 +85,9 @@ def _pick_split(loaded, split, where):
 def _load_image_folder(folder):
     import datasets
 
+    folder = os.path.abspath(folder)
     path = os.path.join(folder, "metadata.jsonl")
-    rows = []
+    rows, first_keys = [], None
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -84,6 +99,11 @@ def _load_image_folder(folder):
             missing = [k for k in ("caption", "image_0", "image_1") if k not in row]
             if missing:
                 raise PreferenceDataError(f"{path}, line {line_no}: missing keys {missing} (found {sorted(row)}).")
+            if rows and set(row) != first_keys:
+                raise PreferenceDataError(
+                    f"{path}, line {line_no}: keys {sorted(row)} differ from the first line's "
+                    f"{sorted(first_keys)}; every line needs the same keys.")
+            first_keys = first_keys or set(row)
             row["jpg_0"] = os.path.join(folder, row.pop("image_0"))
             row["jpg_1"] = os.path.join(folder, row.pop("image_1"))
             rows.append(row)

@@ -9,6 +9,19 @@ def denoising_error(prediction, target):
     return (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))
 
 
+def denoising_target(noise, latents, timesteps, alphas_cumprod, prediction_type):
+    """What the UNet is trained to predict: the noise (epsilon) or the velocity (v_prediction).
+
+    v = sqrt(abar_t) * noise - sqrt(1 - abar_t) * x0, in fp32.
+    """
+    if prediction_type == "epsilon":
+        return noise.float()
+    if prediction_type == "v_prediction":
+        abar = alphas_cumprod.to(latents.device)[timesteps].float().view(-1, 1, 1, 1)
+        return abar.sqrt() * noise.float() - (1.0 - abar).sqrt() * latents.float()
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
 def preference_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, weight, beta):
     """Smoothed (weighted) Diffusion-DPO loss.
 

@@ -25,6 +25,14 @@ def forward_noise(latents, noise, timesteps, alphas_cumprod):
     return add_noise(latents, noise, timesteps, alphas_cumprod), noise.float()
 
 
+def epsilon_from_prediction(prediction, noisy_latents, timesteps, alphas_cumprod, prediction_type):
+    """The epsilon a UNet predicts: its output, or sqrt(abar) * v + sqrt(1 - abar) * z_t for v-prediction."""
+    if prediction_type == "epsilon":
+        return prediction.float()
+    abar = _abar(alphas_cumprod.to(prediction.device), timesteps)
+    return abar.sqrt() * prediction.float() + (1.0 - abar).sqrt() * noisy_latents.float()
+
+
 def ddim_up(z, eps, abar_from, abar_to):
     """One deterministic DDIM step from noise level abar_from up to abar_to with prediction eps."""
     x0_pred = (z - (1.0 - abar_from).sqrt() * eps) / abar_from.sqrt()

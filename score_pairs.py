@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Score both images of every preference pair with a reward model (PickScore by default).
+
+    python score_pairs.py --dataset_name yuvalkirstain/pickapic_v2 --output_dir pickapic_v2-scored
+
+writes the dataset, all columns kept and in the same row order, with two new float columns
+``reward_score_0`` and ``reward_score_1``: the cosine similarity of the normalised image and
+caption embeddings (no logit scale), which SmPO (``--loss_type smpo``) turns into smoothed
+preferences. A pair with an unreadable image is left out whole; its row number (in the input)
+is printed and listed in ``OUTPUT_DIR/bad_rows.json``. Scoring goes through ``datasets.map``, so
+rerunning on a dataset stored on disk reuses the cached scores.
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from smpo.data import IMAGE_COLUMNS, LABEL_COLUMN, SCORE_COLUMNS, check_columns, load_preference_dataset, open_image
+
+UNREADABLE = "_unreadable"
+CACHE_VERSION = "score_pairs-v1"  # change when the scores computed for a row change
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_name", required=True,
+                        help="hub id, save_to_disk folder, parquet file/folder or metadata.jsonl image folder")
+    parser.add_argument("--dataset_split_name", default="train")
+    parser.add_argument("--caption_column", default="caption")
+    parser.add_argument("--reward_model_name_or_path", default="yuvalkirstain/PickScore_v1")
+    parser.add_argument("--reward_processor_name_or_path", default=None,
+                        help="default: the model path; for PickScore laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    parser.add_argument("--batch_size", type=int, default=16, help="pairs per batch")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max_samples", type=int, default=None, help="score only the first N pairs")
+    parser.add_argument("--cache_dir", default=None)
+    parser.add_argument("--output_dir", required=True)
+    args = parser.parse_args(argv)
+    if args.reward_processor_name_or_path is None:
+        if args.reward_model_name_or_path == "yuvalkirstain/PickScore_v1":
+            args.reward_processor_name_or_path = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+        else:
+            args.reward_processor_name_or_path = args.reward_model_name_or_path
+    return args
+
+
+def _embedding(output):
+    """The projected embedding: transformers 5 returns a ModelOutput whose pooler_output holds it."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+@torch.no_grad()
+def reward_scores(model, processor, images, captions, device):
+    """Cosine similarity of each image with its caption, shape (B,), float32 on the CPU.
+
+    ``images``: B PIL images; ``captions``: B strings (truncated to 77 tokens). No logit scale.
+    """
+    dtype = next(model.parameters()).dtype
+    image_inputs = processor(images=images, return_tensors="pt")
+    text_inputs = processor(text=[str(c) for c in captions], padding=True, truncation=True, max_length=77,
+                            return_tensors="pt")
+    image_embeds = _embedding(model.get_image_features(pixel_values=image_inputs["pixel_values"].to(device, dtype)))
+    text_embeds = _embedding(model.get_text_features(
+        input_ids=text_inputs["input_ids"].to(device), attention_mask=text_inputs["attention_mask"].to(device)))
+    image_embeds = F.normalize(image_embeds.float(), dim=-1)
+    text_embeds = F.normalize(text_embeds.float(), dim=-1)
+    return (image_embeds * text_embeds).sum(dim=-1).cpu()
+
+
+def score_batch(captions, images_0, images_1, rows, model, processor, device):
+    """datasets.map function: scores of each pair, NaN and flagged where an image is unreadable."""
+    n = len(rows)
+    scores = np.full((2, n), np.nan, dtype=np.float32)
+    unreadable = [False] * n
+    readable, pair_images = [], []
+    for i, (row, value_0, value_1) in enumerate(zip(rows, images_0, images_1)):
+        try:
+            pair_images.append((open_image(value_0), open_image(value_1)))
+            readable.append(i)
+        except Exception as err:  # noqa: BLE001 - any decoding failure leaves the whole pair out
+            unreadable[i] = True
+            print(f"row {row}: unreadable image ({type(err).__name__}: {err}); leaving the pair out", flush=True)
+    if readable:
+        caps = [captions[i] for i in readable]
+        for k in (0, 1):
+            scores[k, readable] = reward_scores(model, processor, [p[k] for p in pair_images], caps, device).numpy()
+    return {SCORE_COLUMNS[0]: scores[0].tolist(), SCORE_COLUMNS[1]: scores[1].tolist(), UNREADABLE: unreadable}
+
+
+def main(args):
+    import datasets
+    from transformers import AutoModel, AutoProcessor
+
+    dataset = load_preference_dataset(args.dataset_name, args.dataset_split_name, args.cache_dir)
+    needed = [args.caption_column, *IMAGE_COLUMNS]
+    check_columns(dataset.column_names, args.caption_column, loss_type=None)
+    if args.max_samples is not None:
+        dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+
+    model = AutoModel.from_pretrained(args.reward_model_name_or_path, cache_dir=args.cache_dir).to(args.device).eval()
+    processor = AutoProcessor.from_pretrained(args.reward_processor_name_or_path, cache_dir=args.cache_dir)
+
+    # Score on a view of the needed columns (images stay undecoded until open_image) and write only
+    # the score columns, so the map cache stays small. The fingerprint names what the scores depend on,
+    # instead of datasets hashing the whole reward model.
+    view = dataset.select_columns(needed)
+    fingerprint = datasets.fingerprint.Hasher.hash(
+        [dataset._fingerprint, needed, args.reward_model_name_or_path, args.reward_processor_name_or_path,
+         CACHE_VERSION])
+    features = datasets.Features({SCORE_COLUMNS[0]: datasets.Value("float32"),
+                                  SCORE_COLUMNS[1]: datasets.Value("float32"),
+                                  UNREADABLE: datasets.Value("bool")})
+    scores = view.map(
+        score_batch, batched=True, batch_size=args.batch_size, with_indices=True, input_columns=needed,
+        remove_columns=view.column_names, features=features, new_fingerprint=fingerprint,
+        fn_kwargs={"model": model, "processor": processor, "device": args.device}, desc="scoring pairs",
+    )
+
+    bad_rows = np.flatnonzero(np.asarray(scores[UNREADABLE], dtype=bool)).tolist()
+    good_rows = np.flatnonzero(~np.asarray(scores[UNREADABLE], dtype=bool))
+    scored = datasets.concatenate_datasets([dataset, scores.remove_columns(UNREADABLE)], axis=1)
+    scored = scored.select(good_rows) if bad_rows else scored
+    os.makedirs(args.output_dir, exist_ok=True)
+    scored.save_to_disk(args.output_dir)
+    with open(os.path.join(args.output_dir, "bad_rows.json"), "w") as f:
+        json.dump({"bad_rows": bad_rows, "num_rows_in": len(dataset), "num_rows_out": len(scored)}, f)
+
+    s0 = np.asarray(scored[SCORE_COLUMNS[0]], dtype=np.float64)
+    s1 = np.asarray(scored[SCORE_COLUMNS[1]], dtype=np.float64)
+    print(f"scored {len(scored)} of {len(dataset)} pairs; wrote {args.output_dir}")
+    if bad_rows:
+        print(f"left out {len(bad_rows)} pairs with an unreadable image, input rows: {bad_rows} (see bad_rows.json)")
+    else:
+        print("left out 0 pairs")
+    if len(scored):
+        print(f"mean |reward_score_0 - reward_score_1|: {np.mean(np.abs(s0 - s1)):.4f}")
+    if LABEL_COLUMN in scored.column_names:
+        labels = np.asarray(scored[LABEL_COLUMN], dtype=np.float64)
+        decided = (labels == 0) | (labels == 1)
+        if decided.any():
+            agree = ((s0 > s1) == (labels == 1))[decided].mean()
+            print(f"reward model agrees with the human label on {agree:.1%} of {int(decided.sum())} non-tie pairs")
+
+
+if __name__ == "__main__":
+    main(parse_args())

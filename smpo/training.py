@@ -1,0 +1,642 @@
+"""What both training scripts share: flags, model setup, the SmPO step, checkpoints, outputs.
+
+The scripts differ only in how a batch of captions (and, for SDXL, image sizes and crops)
+becomes UNet conditioning; they pass that in as a ``Conditioning`` object with
+``pipeline_class``, ``__call__(batch, num_images_per_caption) -> unet kwargs`` and the model
+loading they need. The algorithm itself is :func:`smpo_loss` (one screen, top to bottom).
+"""
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import re
+import shutil
+
+import torch
+
+from .data import (PairDataset, PairTransform, PreferenceCollator, check_columns, describe_drops,
+                   load_preference_dataset, select_pairs)
+from .labels import DEFAULT_GAMMA, DEFAULT_TEMPERATURE
+from .losses import denoising_error, denoising_target, preference_loss, sft_loss
+from .renoise import epsilon_from_prediction, forward_noise, renoise_inversion
+
+logger = logging.getLogger("smpo")
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# Accepted so that a diffusers train_diffusion_dpo*.py command line works unchanged.
+LOSS_TYPE_ALIASES = {"sigmoid": "dpo"}
+
+
+# ------------------------------------------------------------------------------------ flags
+def build_parser(description, resolution, num_inversion_steps, beta_dpo):
+    """All flags of both scripts; names and meanings follow the diffusers DPO examples."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    g = "model"
+    a("--pretrained_model_name_or_path", required=True, help="Base pipeline: hub id or local folder.")
+    a("--revision", default=None)
+    a("--variant", default=None, help="Weight variant of the base model files, e.g. fp16.")
+    a("--unet_init", default=None,
+      help="Start policy and reference from this UNet (a folder with a UNet config, or a pipeline with a "
+           "unet/ subfolder), e.g. an SFT-tuned UNet as the authors did for SD 1.5.")
+    a("--full_finetune", action="store_true",
+      help="Train the whole UNet against a frozen copy. Default: LoRA on the attention projections, with "
+           "the reference = the same UNet with its adapters disabled (no second copy).")
+    a("--rank", type=int, default=8, help="LoRA rank.")
+    a("--enable_xformers_memory_efficient_attention", action="store_true")
+    # data
+    a("--dataset_name", required=True,
+      help="Hub id, save_to_disk folder, folder of parquet files, or folder with metadata.jsonl "
+           "(caption, image_0, image_1, label_0).")
+    a("--dataset_split_name", default="train")
+    a("--caption_column", default="caption")
+    a("--cache_dir", default=None)
+    a("--max_train_samples", type=int, default=None, help="Train on a seeded random subset of this many pairs.")
+    a("--resolution", type=int, default=resolution)
+    a("--random_crop", action="store_true", help="Random instead of center crops.")
+    a("--no_hflip", action="store_true", help="Do not flip pairs horizontally at random.")
+    a("--proportion_empty_prompts", type=float, default=0.0,
+      help="Fraction of captions replaced by the empty prompt (the authors used 0.2).")
+    a("--dataloader_num_workers", type=int, default=0)
+    a("--vae_encode_batch_size", type=int, default=8, help="Images per VAE encode call.")
+    # method
+    a("--loss_type", default="smpo", choices=["smpo", "dpo", "sft", *LOSS_TYPE_ALIASES],
+      help="smpo: reward-smoothed weights; dpo: human binary labels (Diffusion-DPO; 'sigmoid' is an alias); "
+           "sft: denoising loss on the winners.")
+    a("--beta_dpo", type=float, default=beta_dpo,
+      help="KL strength beta, in the -0.5 * beta convention of the authors and the diffusers SDXL DPO "
+           "script (the diffusers SD DPO script's beta B equals 2 * B here).")
+    a("--noise_source", default="renoise", choices=["renoise", "forward"],
+      help="renoise: ReNoise inversion of each image to t (SmPO); forward: random forward noise (Diffusion-DPO).")
+    a("--num_inversion_steps", type=int, default=num_inversion_steps)
+    a("--num_renoise_steps", type=int, default=1)
+    a("--preference_temperature", type=float, default=DEFAULT_TEMPERATURE)
+    a("--smoothing_gamma", type=float, default=DEFAULT_GAMMA)
+    # optimisation
+    a("--train_batch_size", type=int, default=4, help="Pairs per device per micro-batch.")
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--num_train_epochs", type=int, default=1)
+    a("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs.")
+    a("--learning_rate", type=float, default=1e-5)
+    a("--scale_lr", action="store_true", help="Multiply lr by accumulation * batch size * processes.")
+    a("--lr_scheduler", default="constant",
+      help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"')
+    a("--lr_warmup_steps", type=int, default=0)
+    a("--lr_num_cycles", type=int, default=1)
+    a("--lr_power", type=float, default=1.0)
+    a("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit.")
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_weight_decay", type=float, default=1e-2)
+    a("--adam_epsilon", type=float, default=1e-8)
+    a("--max_grad_norm", type=float, default=1.0)
+    a("--gradient_checkpointing", action="store_true")
+    a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    a("--allow_tf32", action="store_true")
+    a("--seed", type=int, default=None)
+    # outputs
+    a("--output_dir", default="smpo-model")
+    a("--logging_dir", default="logs")
+    a("--report_to", default="none", help='"tensorboard", "wandb", "all" or "none" (default).')
+    a("--tracker_name", default="smpo-diffusion")
+    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpoints_total_limit", type=int, default=None)
+    a("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest". Default: start fresh.')
+    a("--run_validation", action="store_true")
+    a("--validation_steps", type=int, default=200)
+    a("--validation_prompts", nargs="+", default=None)
+    a("--validation_num_inference_steps", type=int, default=25)
+    a("--push_to_hub", action="store_true")
+    a("--hub_model_id", default=None)
+    a("--hub_token", default=None)
+    return p
+
+
+def finish_args(args):
+    """Resolve aliases and reject flag combinations that cannot work."""
+    args.loss_type = LOSS_TYPE_ALIASES.get(args.loss_type, args.loss_type)
+    if args.num_inversion_steps < 1 or args.num_renoise_steps < 0:
+        raise SystemExit("--num_inversion_steps must be >= 1 and --num_renoise_steps >= 0")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        raise SystemExit("--proportion_empty_prompts must be in [0, 1]")
+    if args.run_validation and not args.validation_prompts:
+        args.validation_prompts = DEFAULT_VALIDATION_PROMPTS
+    if args.report_to == "wandb" and args.hub_token is not None:
+        raise SystemExit("Do not pass --hub_token together with --report_to wandb (it would be logged); "
+                         "use `huggingface-cli login` instead.")
+    return args
+
+
+DEFAULT_VALIDATION_PROMPTS = [
+    "portrait photo of a girl, photograph, highly detailed face, depth of field",
+    "A photo of beautiful mountain with realistic sunset and blue lake, highly detailed, masterpiece",
+]
+
+
+# ------------------------------------------------------------------------------- the step
+def smpo_loss(args, batch, unet, reference, vae, conditioning, alphas_cumprod, prediction_type, generator):
+    """One SmPO (or DPO / SFT) loss on a batch, following the method notes step by step.
+
+    ``batch["pixel_values"]`` holds the B winners then the B losers; ``reference(noisy, t, cond)``
+    is the frozen reference UNet's prediction. Returns (loss, metrics).
+    """
+    sft = args.loss_type == "sft"
+    pixels = batch["pixel_values"]
+    num_pairs = pixels.shape[0] // 2
+    if sft:  # supervised fine-tuning sees the winners only
+        pixels = pixels[:num_pairs]
+    # 1. encode: latents of all images, conditioning for each (a pair shares its caption)
+    latents = encode_images(vae, pixels, args.vae_encode_batch_size, generator)
+    cond = conditioning(batch, num_images_per_caption=1 if sft else 2)
+    # 2. one timestep per pair, shared by winner and loser
+    t = torch.randint(0, len(alphas_cumprod), (num_pairs,), generator=generator, device=generator.device)
+    t = t.to(latents.device).repeat(1 if sft else 2)
+    # 3. noise: the model's own trajectory (ReNoise inversion) or random forward noise
+    if args.noise_source == "renoise" and not sft:
+        def eps_fn(z, step_t):
+            pred = unet_for_inversion(unet)(z.to(latents.dtype), step_t, **cond).sample
+            return epsilon_from_prediction(pred, z, step_t, alphas_cumprod, prediction_type)
+
+        noisy, noise = renoise_inversion(eps_fn, latents, t, alphas_cumprod,
+                                         args.num_inversion_steps, args.num_renoise_steps)
+    else:
+        noise = torch.randn(latents[:num_pairs].shape, generator=generator, device=generator.device)
+        noise = noise.to(latents.device).repeat(1 if sft else 2, 1, 1, 1)  # a pair shares its noise
+        noisy, noise = forward_noise(latents, noise, t, alphas_cumprod)
+    target = denoising_target(noise, latents, t, alphas_cumprod, prediction_type)
+    noisy = noisy.to(latents.dtype)
+    # 4. denoising errors of the policy (with gradients) and the reference (without)
+    model_err = denoising_error(unet(noisy, t, **cond).sample, target)
+    if sft:
+        return sft_loss(model_err), {"loss": sft_loss(model_err).detach(), "model_err_w": model_err.mean()}
+    with torch.no_grad():
+        ref_err = denoising_error(reference(noisy, t, cond), target)
+    # 5. the smoothed preference loss
+    model_err_w, model_err_l = model_err.chunk(2)
+    ref_err_w, ref_err_l = ref_err.chunk(2)
+    weight = batch["weight"].to(latents.device)
+    loss, implicit_acc = preference_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, weight, args.beta_dpo)
+    margin = -0.5 * args.beta_dpo * ((model_err_w - model_err_l) - (ref_err_w - ref_err_l))
+    return loss, {
+        "loss": loss.detach(), "implicit_acc": implicit_acc,
+        "model_err_w": model_err_w.detach().mean(), "model_err_l": model_err_l.detach().mean(),
+        "ref_err_w": ref_err_w.mean(), "ref_err_l": ref_err_l.mean(),
+        "reward_margin": margin.detach().mean(), "weight": weight.mean(),
+    }
+
+
+def encode_images(vae, pixels, batch_size, generator):
+    """VAE latents (sampled from the posterior with ``generator``), scaled, in chunks."""
+    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+    with torch.no_grad():
+        latents = []
+        for chunk in pixels.split(batch_size):
+            dist = vae.encode(chunk).latent_dist
+            sample = torch.randn(dist.mean.shape, generator=generator, device=generator.device)
+            latents.append(dist.mean + dist.std * sample.to(dist.mean.device, dist.mean.dtype))
+        latents = torch.cat(latents) * vae.config.scaling_factor
+    return latents
+
+
+def unet_for_inversion(unet):
+    """The policy UNet without a DDP/compile wrapper (inversion runs without gradients)."""
+    while hasattr(unet, "module") or hasattr(unet, "_orig_mod"):
+        unet = getattr(unet, "module", None) or unet._orig_mod
+    return unet
+
+
+def make_reference(unet, ref_unet):
+    """reference(noisy, t, cond) -> prediction: a frozen copy, or the LoRA UNet with adapters off."""
+    if ref_unet is not None:
+        return lambda noisy, t, cond: ref_unet(noisy.to(ref_unet.dtype), t, **cond).sample
+
+    def lora_reference(noisy, t, cond):
+        base = unet_for_inversion(unet)  # disable_adapters fails on a DDP wrapper
+        base.disable_adapters()
+        try:
+            return base(noisy, t, **cond).sample
+        finally:
+            base.enable_adapters()
+
+    return lora_reference
+
+
+# ------------------------------------------------------------------------- model set-up
+def load_unet(args):
+    """The policy UNet: the base pipeline's, or --unet_init's."""
+    from diffusers import UNet2DConditionModel
+
+    if args.unet_init is None:
+        return UNet2DConditionModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant)
+    subfolder = None if os.path.exists(os.path.join(args.unet_init, "config.json")) else "unet"
+    if not os.path.isdir(args.unet_init):
+        subfolder = None
+    return UNet2DConditionModel.from_pretrained(args.unet_init, subfolder=subfolder)
+
+
+def load_noise_scheduler(args):
+    """The training scheduler; its alphas_cumprod in fp32 and its prediction type, checked."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                              revision=args.revision)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise SystemExit(f"prediction_type '{prediction_type}' of {args.pretrained_model_name_or_path} is not "
+                         "supported: SmPO training needs an epsilon or v_prediction model.")
+    return scheduler, scheduler.alphas_cumprod.float(), prediction_type
+
+
+def add_lora(unet, rank):
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=LORA_TARGET_MODULES))
+
+
+def lora_state_dict(unet):
+    """The LoRA weights of the UNet in diffusers' format (what save_lora_weights writes)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet_for_inversion(unet)))
+
+
+def load_lora_into_existing_adapter(unet, pipeline_class, folder):
+    """Resume: set the saved LoRA weights into the UNet's existing adapter (no second adapter)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    state = pipeline_class.lora_state_dict(folder)
+    state = state[0] if isinstance(state, tuple) else state
+    state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise RuntimeError(f"LoRA checkpoint in {folder} has keys the UNet does not: {unexpected[:5]}")
+
+
+def register_checkpoint_hooks(accelerator, args, pipeline_class):
+    """checkpoint-N/ holds the LoRA weights (pytorch_lora_weights.safetensors) or the full UNet (unet/)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import cast_training_params
+
+    def save_hook(models, weights, output_dir):
+        if not accelerator.is_main_process:
+            return
+        for model in models:
+            if args.full_finetune:
+                unet_for_inversion(model).save_pretrained(os.path.join(output_dir, "unet"))
+            else:
+                pipeline_class.save_lora_weights(output_dir, unet_lora_layers=lora_state_dict(model))
+            if weights:
+                weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            model = unet_for_inversion(models.pop())
+            if args.full_finetune:
+                loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+                model.load_state_dict(loaded.state_dict())
+            else:
+                load_lora_into_existing_adapter(model, pipeline_class, input_dir)
+                cast_training_params(model, torch.float32)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+class StepGenerator:
+    """The generator behind timesteps, noise and VAE sampling; saved in checkpoints so resume is exact."""
+
+    def __init__(self, device, seed):
+        self.generator = torch.Generator(device=device)
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
+
+    def state_dict(self):
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["state"])
+
+
+def make_optimizer(args, params):
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def make_dataloader(args, seed):
+    dataset = load_preference_dataset(args.dataset_name, args.dataset_split_name, args.cache_dir)
+    check_columns(dataset.column_names, args.caption_column, args.loss_type)
+    rows, dropped = select_pairs(dataset, args.loss_type, args.max_train_samples, seed)
+    logger.info(describe_drops(dropped, len(rows)))
+    collator = PreferenceCollator(
+        PairTransform(args.resolution, args.random_crop, hflip=not args.no_hflip), args.loss_type,
+        args.caption_column, args.preference_temperature, args.smoothing_gamma,
+        args.proportion_empty_prompts, seed=seed)
+    loader = torch.utils.data.DataLoader(PairDataset(dataset, rows), batch_size=args.train_batch_size,
+                                         shuffle=True, collate_fn=collator,
+                                         num_workers=args.dataloader_num_workers)
+    return loader, collator, dropped
+
+
+# ------------------------------------------------------------------------------- training
+def train(args, conditioning_class):
+    """The Accelerate training loop, shared by the SD and SDXL scripts."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from tqdm.auto import tqdm
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state)
+    if args.seed is not None:  # 0 is a seed
+        set_seed(args.seed, device_specific=True)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    pipeline_class = conditioning_class.pipeline_class
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    noise_scheduler, alphas_cumprod, prediction_type = load_noise_scheduler(args)
+    alphas_cumprod = alphas_cumprod.to(accelerator.device)
+    conditioning = conditioning_class(args, accelerator.device, weight_dtype)
+    vae = conditioning.load_vae(args)
+    vae.requires_grad_(False)
+    vae.to(accelerator.device, dtype=conditioning.vae_dtype(args, weight_dtype))
+    unet = load_unet(args)
+    ref_unet = None
+    if args.full_finetune:
+        ref_unet = copy.deepcopy(unet).requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
+        unet.requires_grad_(True)
+        unet.to(accelerator.device)
+    else:
+        unet.requires_grad_(False)
+        unet.to(accelerator.device, dtype=weight_dtype)
+        add_lora(unet, args.rank)
+        cast_training_params(unet, torch.float32)  # trainable LoRA weights in fp32 under fp16 *and* bf16
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    register_checkpoint_hooks(accelerator, args, pipeline_class)
+
+    seed = args.seed if args.seed is not None else 0
+    train_dataloader, collator, dropped = make_dataloader(args, seed)
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = make_optimizer(args, params)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles, power=args.lr_power)
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)
+    step_generator = StepGenerator(accelerator.device, seed + accelerator.process_index)
+    accelerator.register_for_checkpointing(step_generator)
+    reference = make_reference(unet, ref_unet)
+
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers(args.tracker_name, config=tracker_config(args))
+
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        accelerator.print(f"Resuming from {checkpoint}")
+        accelerator.load_state(checkpoint)
+        global_step = int(checkpoint.rstrip("/").split("-")[-1])
+        first_epoch = global_step // num_update_steps_per_epoch
+        resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+
+    logger.info(f"loss {args.loss_type}, noise {args.noise_source}, {'full' if args.full_finetune else 'LoRA'}; "
+                f"{args.max_train_steps} steps of {args.train_batch_size} pairs x {args.gradient_accumulation_steps} "
+                f"accumulation x {accelerator.num_processes} processes; lr {args.learning_rate}")
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)
+    metrics_log = MetricsLog(args.output_dir, accelerator, resume=checkpoint is not None)
+    pending = {}
+    unet.train()
+    for epoch in range(first_epoch, args.num_train_epochs):
+        collator.epoch = epoch
+        train_dataloader.set_epoch(epoch)  # the shuffle order depends on (seed, epoch) only: exact resume
+        loader = train_dataloader
+        if epoch == first_epoch and resume_batches:
+            loader = accelerator.skip_first_batches(train_dataloader, resume_batches)
+        for batch in loader:
+            if batch is None:  # every pair of this batch was unreadable (logged by the collator)
+                continue
+            with accelerator.accumulate(unet):
+                loss, metrics = smpo_loss(args, batch, unet, reference, vae, conditioning, alphas_cumprod,
+                                          prediction_type, step_generator.generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in metrics.items():
+                pending.setdefault(k, []).append(v.detach().float())
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            logs = {k: accelerator.gather(torch.stack(v).mean().reshape(1)).mean().item() for k, v in pending.items()}
+            logs["lr"] = lr_scheduler.get_last_lr()[0]
+            pending = {}
+            progress.update(1)
+            progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "implicit_acc", "lr")})
+            accelerator.log(logs, step=global_step)
+            metrics_log.write(global_step, logs)
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, global_step)
+            if args.run_validation and global_step % args.validation_steps == 0:
+                log_validation(args, accelerator, conditioning, unet, vae, weight_dtype, global_step)
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+
+    accelerator.wait_for_everyone()
+    if collator.bad_rows:
+        logger.warning(f"{len(collator.bad_rows)} pairs were dropped for unreadable images, rows: {collator.bad_rows}")
+    if accelerator.is_main_process:
+        save_final_model(args, accelerator, conditioning, unet, vae, dropped)
+    if args.run_validation:
+        log_validation(args, accelerator, conditioning, unet, vae, weight_dtype, global_step, final=True)
+    accelerator.end_training()
+
+
+class MetricsLog:
+    """OUTPUT_DIR/metrics.jsonl: one JSON line per optimizer step (main process only)."""
+
+    def __init__(self, output_dir, accelerator, resume):
+        self.path = os.path.join(output_dir, "metrics.jsonl") if accelerator.is_main_process else None
+        if self.path and not resume and os.path.exists(self.path):
+            os.remove(self.path)
+
+    def write(self, step, logs):
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **logs}) + "\n")
+
+
+def tracker_config(args):
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def find_checkpoint(output_dir, resume_from_checkpoint):
+    """The checkpoint folder to resume from, None to start fresh."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint != "latest":
+        if not os.path.isdir(resume_from_checkpoint):
+            raise SystemExit(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder")
+        return resume_from_checkpoint
+    found = list_checkpoints(output_dir)
+    if not found:
+        logger.info(f"no checkpoint in {output_dir}; starting a new run")
+        return None
+    return os.path.join(output_dir, found[-1])
+
+
+def list_checkpoints(output_dir):
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
+    return sorted(names, key=lambda d: int(d.split("-")[1]))
+
+
+def save_checkpoint(accelerator, args, global_step):
+    """checkpoint-N/ via accelerator.save_state, keeping at most --checkpoints_total_limit."""
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        existing = list_checkpoints(args.output_dir)
+        for name in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+            shutil.rmtree(os.path.join(args.output_dir, name))
+    path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    accelerator.save_state(path)
+    logger.info(f"saved {path}")
+
+
+# -------------------------------------------------------------------------------- outputs
+def save_final_model(args, accelerator, conditioning, unet, vae, dropped):
+    """LoRA -> pytorch_lora_weights.safetensors; full -> a complete pipeline. Plus a model card."""
+    pipeline_class = conditioning.pipeline_class
+    unet = unet_for_inversion(accelerator.unwrap_model(unet))
+    if args.full_finetune:
+        pipeline = conditioning.pipeline_from_pretrained(args, unet=unet.to(torch.float32))
+        pipeline.save_pretrained(args.output_dir)
+    else:
+        pipeline_class.save_lora_weights(args.output_dir, unet_lora_layers=lora_state_dict(unet))
+    write_model_card(args, pipeline_class.__name__, dropped)
+    if args.push_to_hub:
+        from huggingface_hub import create_repo, upload_folder
+
+        repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                              exist_ok=True, token=args.hub_token).repo_id
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
+                      ignore_patterns=["checkpoint-*", "step_*", "epoch_*"])
+
+
+def write_model_card(args, pipeline_class_name, dropped):
+    method = {"smpo": "SmPO (reward-smoothed preference weights)", "dpo": "Diffusion-DPO (binary human labels)",
+              "sft": "supervised fine-tuning on the preferred images"}[args.loss_type]
+    noise = {"renoise": f"ReNoise inversion ({args.num_inversion_steps} inversion steps, "
+                        f"{args.num_renoise_steps} renoise iterations)", "forward": "random forward noise"}
+    if args.full_finetune:
+        how = f'pipe = DiffusionPipeline.from_pretrained("{args.output_dir}", torch_dtype=torch.float16)'
+    else:
+        base = args.pretrained_model_name_or_path
+        how = (f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16)\n'
+               f'pipe.load_lora_weights("{args.output_dir}")')
+        if args.unet_init:
+            how += (f"\n# trained on top of the UNet {args.unet_init}: load it into the pipeline first "
+                    "(pipe.unet = UNet2DConditionModel.from_pretrained(...)) before load_lora_weights")
+    flags = "\n".join(f"- `--{k}`: `{v}`" for k, v in sorted(vars(args).items()) if k != "hub_token")
+    card = f"""---
+library_name: diffusers
+base_model: {args.pretrained_model_name_or_path}
+tags: [diffusers, {'lora, ' if not args.full_finetune else ''}smpo, preference-optimization, text-to-image]
+---
+# {os.path.basename(os.path.abspath(args.output_dir))}
+
+{'LoRA (rank ' + str(args.rank) + ') weights' if not args.full_finetune else 'A fully fine-tuned UNet'} for
+{pipeline_class_name} `{args.pretrained_model_name_or_path}`{f' (UNet initialised from `{args.unet_init}`)' if args.unet_init else ''},
+trained with {method} on `{args.dataset_name}` (split `{args.dataset_split_name}`), noise from {noise[args.noise_source]},
+beta {args.beta_dpo} (-0.5 * beta convention), {args.max_train_steps} optimizer steps.
+Pairs left out of training: {dropped}.
+
+Method: Smoothed Preference Optimization via ReNoise Inversion (Lu et al., ICML 2025).
+
+## How to load
+```python
+import torch
+from diffusers import DiffusionPipeline
+{how}
+image = pipe("a photo of a cat").images[0]
+```
+
+## Training flags
+{flags}
+"""
+    with open(os.path.join(args.output_dir, "README.md"), "w") as f:
+        f.write(card)
+
+
+def log_validation(args, accelerator, conditioning, unet, vae, weight_dtype, step, final=False):
+    """Generate --validation_prompts with fixed seeds; save a PNG grid and log to the trackers."""
+    import numpy as np
+    from PIL import Image
+
+    if not accelerator.is_main_process:
+        return
+    model = unet_for_inversion(accelerator.unwrap_model(unet))
+    was_training = model.training
+    pipeline = conditioning.pipeline_from_pretrained(args, unet=model, torch_dtype=weight_dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    images = []
+    with torch.no_grad(), accelerator.autocast():
+        for i, prompt in enumerate(args.validation_prompts):
+            generator = torch.Generator(device=accelerator.device).manual_seed(i if args.seed is None else args.seed + i)
+            images.append(pipeline(prompt, num_inference_steps=args.validation_num_inference_steps,
+                                   height=args.resolution, width=args.resolution, generator=generator).images[0])
+    model.train(was_training)
+    grid = Image.new("RGB", (args.resolution * len(images), args.resolution))
+    for i, image in enumerate(images):
+        grid.paste(image, (i * args.resolution, 0))
+    folder = os.path.join(args.output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    grid.save(os.path.join(folder, f"{'final' if final else 'step'}-{step}.png"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, args.validation_prompts)]})
+    del pipeline

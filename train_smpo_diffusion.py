@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""SmPO fine-tuning of Stable Diffusion 1.x / 2.x (epsilon or v-prediction), LoRA or full.
+
+    accelerate launch train_smpo_diffusion.py \\
+      --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+      --dataset_name SCORED_PAIRS --output_dir smpo-sd15-lora --mixed_precision fp16 --use_8bit_adam
+
+SmPO = Diffusion-DPO with reward-smoothed per-pair weights (--loss_type smpo) and training noise
+from ReNoise inversion (--noise_source renoise). --loss_type dpo --noise_source forward is
+Diffusion-DPO. The algorithm is smpo.training.smpo_loss; this file holds what is specific to SD:
+one CLIP text encoder whose last hidden state conditions the UNet.
+"""
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from smpo import training
+
+
+class SDConditioning:
+    """Captions -> ``encoder_hidden_states`` with SD's single CLIP text encoder (frozen)."""
+
+    pipeline_class = StableDiffusionPipeline
+
+    def __init__(self, args, device, dtype):
+        base = args.pretrained_model_name_or_path
+        self.tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", revision=args.revision)
+        self.text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=args.revision,
+                                                          variant=args.variant)
+        self.text_encoder.requires_grad_(False).to(device, dtype=dtype)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, batch, num_images_per_caption):
+        """UNet kwargs for the batch: each caption once, repeated for the winners then the losers."""
+        ids = self.tokenizer(batch["captions"], max_length=self.tokenizer.model_max_length, padding="max_length",
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        hidden = self.text_encoder(ids)[0]
+        return {"encoder_hidden_states": hidden.repeat(num_images_per_caption, 1, 1)}
+
+    @staticmethod
+    def load_vae(args):
+        return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
+                                             revision=args.revision, variant=args.variant)
+
+    @staticmethod
+    def vae_dtype(args, weight_dtype):
+        return weight_dtype  # the SD 1.x/2.x VAE is fp16-safe
+
+    def pipeline_from_pretrained(self, args, unet, torch_dtype=None):
+        return self.pipeline_class.from_pretrained(args.pretrained_model_name_or_path, unet=unet,
+                                                   revision=args.revision, variant=args.variant,
+                                                   torch_dtype=torch_dtype)
+
+
+def parse_args(argv=None):
+    parser = training.build_parser(__doc__, resolution=512, num_inversion_steps=5, beta_dpo=2000.0)
+    return training.finish_args(parser.parse_args(argv))
+
+
+def main(args):
+    training.train(args, SDConditioning)
+
+
+if __name__ == "__main__":
+    main(parse_args())
