@@ -1,0 +1,142 @@
+"""End to end: train_smpo_diffusion.py through `accelerate launch` on the tiny assets (CPU)."""
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import accelerate_launch
+from safetensors.torch import load_file
+
+SCRIPT = "train_smpo_diffusion.py"
+
+
+def train(assets, dataset, output_dir, *extra, model="tiny-sd", steps=2, check=True):
+    return accelerate_launch(
+        SCRIPT, "--pretrained_model_name_or_path", assets / model, "--dataset_name", dataset,
+        "--output_dir", output_dir, "--resolution", 32, "--train_batch_size", 2, "--max_train_steps", steps,
+        "--learning_rate", 1e-3, "--seed", 0, "--checkpointing_steps", 1000, *extra, check=check)
+
+
+def generate(pipe, prompt="a red circle on grey"):
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    return pipe(prompt, num_inference_steps=3, height=32, width=32, generator=generator, output_type="np").images
+
+
+def base_images(assets, model="tiny-sd"):
+    from diffusers import DiffusionPipeline
+
+    return generate(DiffusionPipeline.from_pretrained(assets / model))
+
+
+def lora_up(weights):
+    """The LoRA up (B) matrices, zero at initialisation, in diffusers' saved format."""
+    return [v for k, v in weights.items() if ".lora.up." in k or "lora_B" in k]
+
+
+def metrics(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lora_smpo_run_saves_weights_that_load_and_change_images(tiny_assets, scored_dataset, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "lora"
+    train(tiny_assets, scored_dataset, out, "--use_8bit_adam", "--gradient_checkpointing", steps=3)
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    assert weights and all(k.startswith("unet.") for k in weights)
+    assert any(v.abs().max() > 0 for v in lora_up(weights))  # training moved the zero-initialised up weights
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_assets / "tiny-sd")
+    pipe.load_lora_weights(out)
+    assert np.abs(generate(pipe) - base_images(tiny_assets)).max() > 1e-4
+
+    logged = metrics(out)
+    assert [m["step"] for m in logged] == [1, 2, 3]
+    for key in ("loss", "implicit_acc", "model_err_w", "model_err_l", "ref_err_w", "ref_err_l",
+                "reward_margin", "weight", "lr"):
+        assert all(np.isfinite(m[key]) for m in logged), key
+    assert all(0 < m["weight"] < 10 for m in logged)  # smoothed weights, not hard labels
+    card = (out / "README.md").read_text()
+    assert "load_lora_weights" in card and str(tiny_assets / "tiny-sd") in card and "SmPO" in card
+
+
+def test_full_finetune_saves_a_pipeline_that_loads_and_differs(tiny_assets, scored_dataset, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "full"
+    train(tiny_assets, scored_dataset, out, "--full_finetune", "--use_8bit_adam", "--learning_rate", 1e-2)
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert np.abs(generate(pipe) - base_images(tiny_assets)).max() > 1e-4
+    assert "from_pretrained" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_equal_preferences_do_not_move_the_model(tiny_assets, scored_dataset, tmp_path, full):
+    """Equal reward scores give weight 0 for every pair: loss log 2, zero gradient, no change."""
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    equal = datasets.load_from_disk(str(scored_dataset))
+    equal = equal.map(lambda e: {"reward_score_1": e["reward_score_0"]})
+    equal.save_to_disk(str(tmp_path / "equal"))
+    out = tmp_path / "out"
+    train(tiny_assets, tmp_path / "equal", out, "--adam_weight_decay", 0, *(["--full_finetune"] if full else []))
+    assert all(m["weight"] == 0 and abs(m["loss"] - np.log(2)) < 1e-6 for m in metrics(out))
+    if full:
+        base = UNet2DConditionModel.from_pretrained(tiny_assets / "tiny-sd", subfolder="unet").state_dict()
+        trained = UNet2DConditionModel.from_pretrained(out, subfolder="unet").state_dict()
+        assert all(torch.equal(base[k], trained[k]) for k in base)
+    else:
+        weights = load_file(out / "pytorch_lora_weights.safetensors")
+        assert lora_up(weights) and all(v.abs().max() == 0 for v in lora_up(weights))
+        pipe = DiffusionPipeline.from_pretrained(tiny_assets / "tiny-sd")
+        pipe.load_lora_weights(out)
+        np.testing.assert_array_equal(generate(pipe), base_images(tiny_assets))
+
+
+def test_v_prediction_model_trains(tiny_assets, scored_dataset, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "vpred"
+    train(tiny_assets, scored_dataset, out, model="tiny-sd-vpred")
+    pipe = DiffusionPipeline.from_pretrained(tiny_assets / "tiny-sd-vpred")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    pipe.load_lora_weights(out)
+    assert np.abs(generate(pipe) - base_images(tiny_assets, "tiny-sd-vpred")).max() > 1e-4
+    assert all(np.isfinite(m["loss"]) for m in metrics(out))
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_assets, scored_dataset, tmp_path, full):
+    """2 steps, then resume from checkpoint-2 to 5 (crossing an epoch) == 5 steps straight."""
+    extra = ["--train_batch_size", 3, "--checkpointing_steps", 2, *(["--full_finetune"] if full else [])]
+    train(tiny_assets, scored_dataset, tmp_path / "straight", *extra, steps=7)
+    train(tiny_assets, scored_dataset, tmp_path / "resumed", *extra, steps=2)
+    proc = train(tiny_assets, scored_dataset, tmp_path / "resumed", *extra, "--resume_from_checkpoint", "latest",
+                 steps=7)
+    assert "Resuming from" in proc.stdout + proc.stderr
+    if full:
+        name = "unet/diffusion_pytorch_model.safetensors"
+    else:
+        name = "pytorch_lora_weights.safetensors"
+        assert (tmp_path / "resumed" / "checkpoint-2" / name).exists()
+    a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+    assert [m["loss"] for m in metrics(tmp_path / "straight")] == [m["loss"] for m in metrics(tmp_path / "resumed")]
+
+
+def test_dpo_uses_human_labels_and_drops_ties(tiny_assets, tmp_path):
+    proc = train(tiny_assets, tiny_assets / "tiny-pickapic", tmp_path / "dpo", "--loss_type", "dpo",
+                 "--noise_source", "forward")
+    assert "dropped 1 tie" in proc.stderr
+    assert all(m["weight"] == 1.0 for m in metrics(tmp_path / "dpo"))
+
+
+def test_smpo_without_scores_says_to_run_score_pairs(tiny_assets, tmp_path):
+    proc = train(tiny_assets, tiny_assets / "tiny-pickapic", tmp_path / "x", check=False)
+    assert proc.returncode != 0
+    assert "score_pairs.py" in proc.stderr and "reward_score_0" in proc.stderr
