@@ -87,7 +87,9 @@ def build_parser(description, resolution, num_inversion_steps, beta_dpo):
     a("--lr_warmup_steps", type=int, default=0)
     a("--lr_num_cycles", type=int, default=1)
     a("--lr_power", type=float, default=1.0)
-    a("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit.")
+    a("--optimizer", default="adamw", choices=["adamw", "adafactor"],
+      help="adafactor: transformers' Adafactor with a fixed lr, as the authors used for full SDXL fine-tuning.")
+    a("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (with --optimizer adamw).")
     a("--adam_beta1", type=float, default=0.9)
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-2)
@@ -124,6 +126,8 @@ def finish_args(args):
         raise SystemExit("--proportion_empty_prompts must be in [0, 1]")
     if args.run_validation and not args.validation_prompts:
         args.validation_prompts = DEFAULT_VALIDATION_PROMPTS
+    if args.optimizer == "adafactor" and args.use_8bit_adam:
+        raise SystemExit("--use_8bit_adam goes with --optimizer adamw, not adafactor")
     if args.report_to == "wandb" and args.hub_token is not None:
         raise SystemExit("Do not pass --hub_token together with --report_to wandb (it would be logged); "
                          "use `huggingface-cli login` instead.")
@@ -153,6 +157,8 @@ def smpo_loss(args, batch, unet, reference, vae, conditioning, alphas_cumprod, p
     cond = conditioning(batch, num_images_per_caption=1 if sft else 2)
     # 2. one timestep per pair, shared by winner and loser
     t = torch.randint(0, len(alphas_cumprod), (num_pairs,), generator=generator, device=generator.device)
+    if getattr(args, "is_turbo", False):  # SDXL-Turbo's four timesteps
+        t = 250 * (t % 4) + 249
     t = t.to(latents.device).repeat(1 if sft else 2)
     # 3. noise: the model's own trajectory (ReNoise inversion) or random forward noise
     if args.noise_source == "renoise" and not sft:
@@ -328,6 +334,11 @@ class StepGenerator:
 
 
 def make_optimizer(args, params):
+    if args.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=args.learning_rate, scale_parameter=False, relative_step=False,
+                         warmup_init=False, weight_decay=args.adam_weight_decay)
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
