@@ -1,0 +1,45 @@
+"""The README's two opening commands: CI runs the second verbatim; the first (the quick start) works."""
+
+import os
+import re
+import sys
+
+import pytest
+from conftest import ROOT, run_script
+
+
+def readme_commands():
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    return re.findall(r"```bash\n(.*?)\n```", text, flags=re.S)
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    install_and_test = readme_commands()[1]
+    assert "pytest tests" in install_and_test
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read().splitlines()
+    assert install_and_test in ci
+
+
+@pytest.fixture(scope="module")
+def quickstart_dir(tmp_path_factory):
+    """A work folder laid out like the repository root after the quick start ran."""
+    work = tmp_path_factory.mktemp("readme")
+    run_script(["bash", os.path.join(ROOT, "examples", "quickstart.sh"), str(work / "smpo-quickstart")])
+    return work
+
+
+def test_quickstart_script_runs_and_writes_a_lora_and_images(quickstart_dir):
+    assert readme_commands()[0].endswith("bash examples/quickstart.sh")  # the part after the install
+    out = quickstart_dir / "smpo-quickstart"
+    for name in ("smpo-lora/pytorch_lora_weights.safetensors", "smpo-lora/README.md", "smpo-lora/metrics.jsonl",
+                 "sample.png", "sample-base.png"):
+        assert (out / name).exists(), name
+    assert len((out / "smpo-lora" / "metrics.jsonl").read_text().splitlines()) == 8
+
+
+def test_readme_sdxl_quickstart_command_runs(quickstart_dir):
+    command = next(c for c in readme_commands() if "train_smpo_diffusion_sdxl.py" in c and "tiny-sdxl" in c)
+    command = command.replace('PATH="$PWD/.venv/bin:$PATH"', f'PATH="{os.path.dirname(sys.executable)}:$PATH"')
+    script = os.path.join(ROOT, "train_smpo_diffusion_sdxl.py")
+    run_script(["bash", "-c", command.replace("train_smpo_diffusion_sdxl.py", script)], cwd=quickstart_dir)
+    assert (quickstart_dir / "smpo-quickstart" / "sdxl-lora" / "pytorch_lora_weights.safetensors").exists()
