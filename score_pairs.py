@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from smpo.data import IMAGE_COLUMNS, LABEL_COLUMN, SCORE_COLUMNS, check_columns, load_preference_dataset, open_image
 
+PICKSCORE = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 UNREADABLE = "_unreadable"
 CACHE_VERSION = "score_pairs-v1"  # change when the scores computed for a row change
 
@@ -31,7 +33,7 @@ def parse_args(argv=None):
                         help="hub id, save_to_disk folder, parquet file/folder or metadata.jsonl image folder")
     parser.add_argument("--dataset_split_name", default="train")
     parser.add_argument("--caption_column", default="caption")
-    parser.add_argument("--reward_model_name_or_path", default="yuvalkirstain/PickScore_v1")
+    parser.add_argument("--reward_model_name_or_path", default=PICKSCORE)
     parser.add_argument("--reward_processor_name_or_path", default=None,
                         help="default: the model path; for PickScore laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
     parser.add_argument("--batch_size", type=int, default=16, help="pairs per batch")
@@ -41,11 +43,13 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
     if args.reward_processor_name_or_path is None:
-        if args.reward_model_name_or_path == "yuvalkirstain/PickScore_v1":
-            args.reward_processor_name_or_path = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-        else:
-            args.reward_processor_name_or_path = args.reward_model_name_or_path
+        args.reward_processor_name_or_path = default_reward_processor(args.reward_model_name_or_path)
     return args
+
+
+def default_reward_processor(model_name_or_path):
+    """The processor that goes with a reward model: PickScore's is the LAION CLIP-H one."""
+    return PICKSCORE_PROCESSOR if model_name_or_path == PICKSCORE else model_name_or_path
 
 
 def _embedding(output):

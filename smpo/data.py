@@ -10,13 +10,14 @@ import glob
 import io
 import json
 import logging
-import math
 import os
 import random
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .labels import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, preference_weight
 
 logger = logging.getLogger(__name__)
 
@@ -140,10 +141,10 @@ def check_columns(column_names, caption_column, loss_type):
 
 
 def select_pairs(dataset, loss_type, max_train_samples=None, seed=None):
-    """Row indices to train on, and counts of what was left out and why.
+    """Row indices to train on, and the rows left out, by reason: ``{reason: [row, ...]}``.
 
-    dpo/sft: ties (label_0 = 0.5) carry no binary preference and are dropped (counted).
-    smpo: pairs with a NaN/inf reward score are dropped (counted); ties in the human label do
+    dpo/sft: ties (label_0 = 0.5) carry no binary preference and are dropped.
+    smpo: pairs with a NaN/inf reward score are dropped; ties in the human label do
     not matter since the reward model decides. ``max_train_samples`` keeps a seeded random
     subset, like the diffusers scripts.
     """
@@ -153,7 +154,7 @@ def select_pairs(dataset, loss_type, max_train_samples=None, seed=None):
     if loss_type == "smpo":
         scores = np.stack([np.asarray(dataset[c], dtype=np.float64) for c in SCORE_COLUMNS], axis=1)
         bad = ~np.isfinite(scores).all(axis=1)
-        dropped["non-finite reward score"] = int(bad.sum())
+        dropped["non-finite reward score"] = np.flatnonzero(bad).tolist()
         keep &= ~bad
     else:
         labels = np.asarray(dataset[LABEL_COLUMN], dtype=np.float64)
@@ -162,7 +163,7 @@ def select_pairs(dataset, loss_type, max_train_samples=None, seed=None):
         if invalid.any():
             rows = np.flatnonzero(invalid)[:10].tolist()
             raise PreferenceDataError(f"column {LABEL_COLUMN} must be 0, 0.5 or 1; rows {rows} are not.")
-        dropped["tie (label_0 = 0.5)"] = int(tie.sum())
+        dropped["tie (label_0 = 0.5)"] = np.flatnonzero(tie).tolist()
         keep &= ~tie
     rows = np.flatnonzero(keep)
     if max_train_samples is not None and max_train_samples < len(rows):
@@ -249,11 +250,13 @@ class PreferenceCollator:
 
     smpo: the reward scores choose the winner and weight (``smpo.labels.preference_weight``).
     dpo / sft: the human label chooses the winner (ties were removed by ``select_pairs``).
-    A pair with an unreadable image is dropped whole and logged with its row; a batch with no
-    readable pair becomes None.
+    A pair with an unreadable image is dropped whole and logged with its row, and listed in
+    ``bad_rows`` (a batch with no readable pair holds only ``bad_rows``). The list travels with the
+    batch, so it reaches the training loop from DataLoader worker processes too.
     """
 
-    def __init__(self, transform, loss_type, caption_column="caption", temperature=None, gamma=None,
+    def __init__(self, transform, loss_type, caption_column="caption", temperature=DEFAULT_TEMPERATURE,
+                 gamma=DEFAULT_GAMMA,
                  proportion_empty_prompts=0.0, seed=0):
         self.transform, self.loss_type, self.caption_column = transform, loss_type, caption_column
         self.temperature, self.gamma = temperature, gamma
@@ -262,8 +265,6 @@ class PreferenceCollator:
         self.bad_rows = []
 
     def winner_and_weight(self, examples):
-        from .labels import preference_weight
-
         if self.loss_type == "smpo":
             score_0 = torch.tensor([float(e[SCORE_COLUMNS[0]]) for e in examples])
             score_1 = torch.tensor([float(e[SCORE_COLUMNS[1]]) for e in examples])
@@ -272,16 +273,16 @@ class PreferenceCollator:
         return image_0_wins, torch.ones(len(examples))
 
     def __call__(self, examples):
-        decoded = []
+        decoded, bad_rows = [], []
         for e in examples:
             try:
                 decoded.append((e, [open_image(e[c]) for c in IMAGE_COLUMNS]))
             except Exception as err:  # noqa: BLE001 - any decoding failure drops the whole pair
+                bad_rows.append(e["row"])
                 self.bad_rows.append(e["row"])
-                logger.warning("dropping pair at row %d: unreadable image (%s); %d bad pairs so far",
-                               e["row"], err, len(self.bad_rows))
+                logger.warning("dropping pair at row %d: unreadable image (%s)", e["row"], err)
         if not decoded:
-            return None
+            return {"bad_rows": bad_rows}
         examples = [e for e, _ in decoded]
         image_0_wins, weight = self.winner_and_weight(examples)
 
@@ -303,14 +304,12 @@ class PreferenceCollator:
             "captions": captions,
             "weight": weight.float(),
             "rows": torch.tensor([e["row"] for e in examples]),
+            "bad_rows": bad_rows,
         }
 
 
 def describe_drops(dropped, total):
-    """One log line for what select_pairs left out."""
-    parts = [f"{n} {why}" for why, n in dropped.items() if n]
+    """One log line for what select_pairs left out, naming the first rows of each reason."""
+    parts = [f"{len(rows)} {why} (rows {rows[:10]}{' ...' if len(rows) > 10 else ''})"
+             for why, rows in dropped.items() if rows]
     return f"training on {total} pairs" + (f"; dropped {', '.join(parts)}" if parts else "")
-
-
-def num_update_steps_per_epoch(num_batches, gradient_accumulation_steps):
-    return math.ceil(num_batches / gradient_accumulation_steps)

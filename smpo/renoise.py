@@ -29,6 +29,8 @@ def epsilon_from_prediction(prediction, noisy_latents, timesteps, alphas_cumprod
     """The epsilon a UNet predicts: its output, or sqrt(abar) * v + sqrt(1 - abar) * z_t for v-prediction."""
     if prediction_type == "epsilon":
         return prediction.float()
+    if prediction_type != "v_prediction":
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
     abar = _abar(alphas_cumprod.to(prediction.device), timesteps)
     return abar.sqrt() * prediction.float() + (1.0 - abar).sqrt() * noisy_latents.float()
 

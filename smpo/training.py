@@ -17,6 +17,8 @@ import shutil
 
 import torch
 
+from .checkpoints import (StepGenerator, StopSignal, checkpoint_step, find_checkpoint, lora_state_dict,
+                          register_checkpoint_hooks, remove_partial_checkpoints, save_checkpoint, unwrap)
 from .data import (PairDataset, PairTransform, PreferenceCollator, check_columns, describe_drops,
                    load_preference_dataset, select_pairs)
 from .labels import DEFAULT_GAMMA, DEFAULT_TEMPERATURE
@@ -99,6 +101,11 @@ def build_parser(description, resolution, num_inversion_steps, beta_dpo):
     a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     a("--allow_tf32", action="store_true")
     a("--seed", type=int, default=None)
+    a("--max_bad_pair_fraction", type=float, default=0.01,
+      help="Stop when more than this fraction of the training pairs had an unreadable image (each is dropped "
+           "whole and logged with its row).")
+    a("--max_nonfinite_steps", type=int, default=5,
+      help="Stop after this many optimizer steps in a row with a non-finite loss (each such update is skipped).")
     # outputs
     a("--output_dir", default="smpo-model")
     a("--logging_dir", default="logs")
@@ -122,8 +129,14 @@ def finish_args(args):
     args.loss_type = LOSS_TYPE_ALIASES.get(args.loss_type, args.loss_type)
     if args.num_inversion_steps < 1 or args.num_renoise_steps < 0:
         raise SystemExit("--num_inversion_steps must be >= 1 and --num_renoise_steps >= 0")
-    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
-        raise SystemExit("--proportion_empty_prompts must be in [0, 1]")
+    for name in ("proportion_empty_prompts", "max_bad_pair_fraction"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise SystemExit(f"--{name} must be in [0, 1]")
+    for name in ("checkpoints_total_limit", "max_train_samples", "max_train_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be at least 1")
+    if args.max_nonfinite_steps < 1 or args.checkpointing_steps < 1 or args.validation_steps < 1:
+        raise SystemExit("--max_nonfinite_steps, --checkpointing_steps and --validation_steps must be at least 1")
     if args.run_validation and not args.validation_prompts:
         args.validation_prompts = DEFAULT_VALIDATION_PROMPTS
     if args.optimizer == "adafactor" and args.use_8bit_adam:
@@ -161,9 +174,9 @@ def smpo_loss(args, batch, unet, reference, vae, conditioning, alphas_cumprod, p
         t = 250 * (t % 4) + 249
     t = t.to(latents.device).repeat(1 if sft else 2)
     # 3. noise: the model's own trajectory (ReNoise inversion) or random forward noise
-    if args.noise_source == "renoise" and not sft:
+    if args.noise_source == "renoise":
         def eps_fn(z, step_t):
-            pred = unet_for_inversion(unet)(z.to(latents.dtype), step_t, **cond).sample
+            pred = unet(z.to(latents.dtype), step_t, **cond).sample  # no_grad: no DDP sync is set up
             return epsilon_from_prediction(pred, z, step_t, alphas_cumprod, prediction_type)
 
         noisy, noise = renoise_inversion(eps_fn, latents, t, alphas_cumprod,
@@ -207,25 +220,18 @@ def encode_images(vae, pixels, batch_size, generator):
     return latents
 
 
-def unet_for_inversion(unet):
-    """The policy UNet without a DDP/compile wrapper (inversion runs without gradients)."""
-    while hasattr(unet, "module") or hasattr(unet, "_orig_mod"):
-        unet = getattr(unet, "module", None) or unet._orig_mod
-    return unet
-
-
 def make_reference(unet, ref_unet):
     """reference(noisy, t, cond) -> prediction: a frozen copy, or the LoRA UNet with adapters off."""
     if ref_unet is not None:
         return lambda noisy, t, cond: ref_unet(noisy.to(ref_unet.dtype), t, **cond).sample
 
     def lora_reference(noisy, t, cond):
-        base = unet_for_inversion(unet)  # disable_adapters fails on a DDP wrapper
-        base.disable_adapters()
+        adapters = unwrap(unet)  # disable_adapters is not reachable through a DDP/FSDP wrapper
+        adapters.disable_adapters()
         try:
-            return base(noisy, t, **cond).sample
+            return unet(noisy, t, **cond).sample  # through the wrapper, so sharded (FSDP) weights work
         finally:
-            base.enable_adapters()
+            adapters.enable_adapters()
 
     return lora_reference
 
@@ -248,8 +254,12 @@ def load_noise_scheduler(args):
     """The training scheduler; its alphas_cumprod in fp32 and its prediction type, checked."""
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
-                                              revision=args.revision)
+    config = DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision)
+    if "FlowMatch" in config.get("_class_name", "") or "beta_schedule" not in config:
+        raise SystemExit(f"the scheduler of {args.pretrained_model_name_or_path} ({config.get('_class_name')}) has no "
+                         "DDPM noise schedule (alphas_cumprod): these scripts train SD 1.x/2.x/XL-style diffusion "
+                         "models, not flow-matching ones such as SD3 or FLUX.")
+    scheduler = DDPMScheduler.from_config(config)
     prediction_type = scheduler.config.prediction_type
     if prediction_type not in ("epsilon", "v_prediction"):
         raise SystemExit(f"prediction_type '{prediction_type}' of {args.pretrained_model_name_or_path} is not "
@@ -262,75 +272,6 @@ def add_lora(unet, rank):
 
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                 target_modules=LORA_TARGET_MODULES))
-
-
-def lora_state_dict(unet):
-    """The LoRA weights of the UNet in diffusers' format (what save_lora_weights writes)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet_for_inversion(unet)))
-
-
-def load_lora_into_existing_adapter(unet, pipeline_class, folder):
-    """Resume: set the saved LoRA weights into the UNet's existing adapter (no second adapter)."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft.utils import set_peft_model_state_dict
-
-    state = pipeline_class.lora_state_dict(folder)
-    state = state[0] if isinstance(state, tuple) else state
-    state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise RuntimeError(f"LoRA checkpoint in {folder} has keys the UNet does not: {unexpected[:5]}")
-
-
-def register_checkpoint_hooks(accelerator, args, pipeline_class):
-    """checkpoint-N/ holds the LoRA weights (pytorch_lora_weights.safetensors) or the full UNet (unet/)."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.training_utils import cast_training_params
-
-    def save_hook(models, weights, output_dir):
-        if not accelerator.is_main_process:
-            return
-        for model in models:
-            if args.full_finetune:
-                unet_for_inversion(model).save_pretrained(os.path.join(output_dir, "unet"))
-            else:
-                pipeline_class.save_lora_weights(output_dir, unet_lora_layers=lora_state_dict(model))
-            if weights:
-                weights.pop()
-
-    def load_hook(models, input_dir):
-        while models:
-            model = unet_for_inversion(models.pop())
-            if args.full_finetune:
-                loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
-                model.load_state_dict(loaded.state_dict())
-            else:
-                load_lora_into_existing_adapter(model, pipeline_class, input_dir)
-                cast_training_params(model, torch.float32)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-class StepGenerator:
-    """The generator behind timesteps, noise and VAE sampling; saved in checkpoints so resume is exact."""
-
-    def __init__(self, device, seed):
-        self.generator = torch.Generator(device=device)
-        if seed is not None:
-            self.generator.manual_seed(seed)
-        else:
-            self.generator.seed()
-
-    def state_dict(self):
-        return {"state": self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.generator.set_state(state["state"])
 
 
 def make_optimizer(args, params):
@@ -382,8 +323,10 @@ def train(args, conditioning_class):
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state)
+    seed = shared_seed(args.seed)  # data order and augmentations: the same on every process
+    accelerator.dataloader_config.data_seed = seed
     if args.seed is not None:  # 0 is a seed
-        set_seed(args.seed, device_specific=True)
+        set_seed(args.seed, device_specific=True)  # model-side randomness: different on each process
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     if args.allow_tf32:
@@ -412,9 +355,8 @@ def train(args, conditioning_class):
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    register_checkpoint_hooks(accelerator, args, pipeline_class)
+    register_checkpoint_hooks(accelerator, args.full_finetune, pipeline_class)
 
-    seed = args.seed if args.seed is not None else 0
     train_dataloader, collator, dropped = make_dataloader(args, seed)
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
@@ -436,12 +378,16 @@ def train(args, conditioning_class):
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers(args.tracker_name, config=tracker_config(args))
 
+    health = RunHealth(args, num_pairs=len(train_dataloader.dataset))
+    accelerator.register_for_checkpointing(health)
     global_step, first_epoch, resume_batches = 0, 0, 0
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(args.output_dir)
     checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.print(f"Resuming from {checkpoint}")
         accelerator.load_state(checkpoint)
-        global_step = int(checkpoint.rstrip("/").split("-")[-1])
+        global_step = checkpoint_step(checkpoint)
         first_epoch = global_step // num_update_steps_per_epoch
         resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
 
@@ -450,8 +396,9 @@ def train(args, conditioning_class):
                 f"accumulation x {accelerator.num_processes} processes; lr {args.learning_rate}")
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
-    metrics_log = MetricsLog(args.output_dir, accelerator, resume=checkpoint is not None)
-    pending = {}
+    metrics_log = MetricsLog(args.output_dir, accelerator, resume_step=global_step if checkpoint else None)
+    stop = StopSignal()
+    pending, rows, skip_update, stopped_by = {}, [], False, None
     unet.train()
     for epoch in range(first_epoch, args.num_train_epochs):
         collator.epoch = epoch
@@ -460,105 +407,198 @@ def train(args, conditioning_class):
         if epoch == first_epoch and resume_batches:
             loader = accelerator.skip_first_batches(train_dataloader, resume_batches)
         for batch in loader:
-            if batch is None:  # every pair of this batch was unreadable (logged by the collator)
+            health.add_bad_rows(batch["bad_rows"])
+            if "pixel_values" not in batch:  # every pair of this batch was unreadable
                 continue
             with accelerator.accumulate(unet):
                 loss, metrics = smpo_loss(args, batch, unet, reference, vae, conditioning, alphas_cumprod,
                                           prediction_type, step_generator.generator)
-                accelerator.backward(loss)
+                loss = _nonfinite_if_asked(loss, global_step + 1)
+                if all_finite(accelerator, loss):
+                    accelerator.backward(loss)
+                else:  # skip the whole update: no step with part of the gradient
+                    skip_update = True
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                    if not skip_update:
+                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                        optimizer.step()
+                        lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
             for k, v in metrics.items():
                 pending.setdefault(k, []).append(v.detach().float())
+            rows.extend(batch["rows"].tolist())
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
             logs = {k: accelerator.gather(torch.stack(v).mean().reshape(1)).mean().item() for k, v in pending.items()}
             logs["lr"] = lr_scheduler.get_last_lr()[0]
-            pending = {}
+            health.after_step(accelerator, global_step, skip_update)
+            logs.update(bad_pairs=health.num_bad(accelerator), skipped_update=int(skip_update))
+            metrics_log.write(global_step, logs, rows=gather_rows(accelerator, rows))
+            pending, rows, skip_update = {}, [], False
             progress.update(1)
             progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "implicit_acc", "lr")})
             accelerator.log(logs, step=global_step)
-            metrics_log.write(global_step, logs)
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, global_step)
+            stopped_by = stop.requested(accelerator)
+            if global_step % args.checkpointing_steps == 0 or stopped_by:
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            if stopped_by:
+                break
             if args.run_validation and global_step % args.validation_steps == 0:
-                log_validation(args, accelerator, conditioning, unet, vae, weight_dtype, global_step)
+                log_validation(args, accelerator, conditioning, unet, weight_dtype, global_step)
             if global_step >= args.max_train_steps:
                 break
-        if global_step >= args.max_train_steps:
+        if global_step >= args.max_train_steps or stopped_by:
             break
+    stop.restore()
 
     accelerator.wait_for_everyone()
-    if collator.bad_rows:
-        logger.warning(f"{len(collator.bad_rows)} pairs were dropped for unreadable images, rows: {collator.bad_rows}")
+    summary = health.summary(accelerator, global_step, dropped, replicas_identical(accelerator, params))
+    if stopped_by:
+        logger.warning(f"stopped by signal {stopped_by} after step {global_step}; checkpoint-{global_step} saved. "
+                       "Continue with --resume_from_checkpoint latest.")
+        accelerator.end_training()
+        raise SystemExit(128 + stopped_by)
     if accelerator.is_main_process:
-        save_final_model(args, accelerator, conditioning, unet, vae, dropped)
+        write_summary(args.output_dir, summary)
+        save_final_model(args, accelerator, conditioning, unet, dropped)
     if args.run_validation:
-        log_validation(args, accelerator, conditioning, unet, vae, weight_dtype, global_step, final=True)
+        log_validation(args, accelerator, conditioning, unet, weight_dtype, global_step, final=True)
     accelerator.end_training()
 
 
+class RunHealth:
+    """Counts what went wrong (unreadable pairs, non-finite losses) and stops the run when it is too much.
+
+    Saved in checkpoints, so the counts survive a resume.
+    """
+
+    def __init__(self, args, num_pairs):
+        self.max_bad = args.max_bad_pair_fraction * num_pairs
+        self.max_nonfinite = args.max_nonfinite_steps
+        self.bad_rows, self.skipped_steps, self.nonfinite_in_a_row = [], [], 0
+
+    def add_bad_rows(self, rows):
+        self.bad_rows.extend(rows)
+
+    def num_bad(self, accelerator):
+        return int(accelerator.gather(torch.tensor([len(self.bad_rows)], device=accelerator.device)).sum())
+
+    def after_step(self, accelerator, step, skipped):
+        if skipped:
+            self.skipped_steps.append(step)
+            self.nonfinite_in_a_row += 1
+            logger.warning(f"step {step}: non-finite loss, update skipped ({self.nonfinite_in_a_row} in a row)")
+            if self.nonfinite_in_a_row >= self.max_nonfinite:
+                raise SystemExit(
+                    f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss (steps "
+                    f"{self.skipped_steps[-self.nonfinite_in_a_row:]}): stopping. Lower --learning_rate or "
+                    "--beta_dpo, use bf16 instead of fp16, or resume from an earlier checkpoint.")
+        else:
+            self.nonfinite_in_a_row = 0
+        num_bad = self.num_bad(accelerator)
+        if num_bad > self.max_bad:
+            raise SystemExit(
+                f"{num_bad} pairs had unreadable images (rows so far on this process: {self.bad_rows[:20]}), more "
+                f"than --max_bad_pair_fraction allows ({self.max_bad:.1f} pairs). Clean the dataset (score_pairs.py "
+                "lists and leaves out bad rows) or raise --max_bad_pair_fraction.")
+
+    def summary(self, accelerator, steps, dropped, identical):
+        from accelerate.utils import gather_object
+
+        bad = sorted(r for rows in gather_object([self.bad_rows]) for r in rows)
+        return {"steps": steps, "num_processes": accelerator.num_processes, "replicas_identical": identical,
+                "dropped_before_training": dropped, "unreadable_rows": bad, "skipped_nonfinite_steps": self.skipped_steps}
+
+    def state_dict(self):
+        return {"bad_rows": self.bad_rows, "skipped_steps": self.skipped_steps,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row}
+
+    def load_state_dict(self, state):
+        self.bad_rows, self.skipped_steps = list(state["bad_rows"]), list(state["skipped_steps"])
+        self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+
+
+def shared_seed(seed):
+    """--seed, or one random seed drawn by the main process and shared with the others."""
+    from accelerate.utils import broadcast_object_list
+
+    if seed is not None:
+        return seed
+    return broadcast_object_list([int(torch.randint(0, 2**31 - 1, ()).item())])[0]
+
+
+def all_finite(accelerator, loss):
+    """Whether the loss is finite on every process (all skip together, so DDP stays in step)."""
+    flag = torch.isfinite(loss.detach()).float().reshape(1)
+    if accelerator.num_processes > 1:
+        flag = accelerator.gather(flag)
+    return bool(flag.min() > 0)
+
+
+def _nonfinite_if_asked(loss, step):
+    """Test hook: SMPO_TEST_NAN_LOSS_AT_STEPS=2,3 makes the loss NaN at those optimizer steps."""
+    steps = os.environ.get("SMPO_TEST_NAN_LOSS_AT_STEPS")
+    if steps and str(step) in steps.split(","):
+        return loss * float("nan")
+    return loss
+
+
+def gather_rows(accelerator, rows):
+    from accelerate.utils import gather_object
+
+    if accelerator.num_processes == 1:
+        return list(rows)
+    return [r for part in gather_object([list(rows)]) for r in part]
+
+
+def replicas_identical(accelerator, params):
+    """Whether every process ends with the same trained parameters (always True on one process)."""
+    if accelerator.num_processes == 1:
+        return True
+    checksum = torch.stack([p.detach().double().sum() for p in params] + [p.detach().double().abs().sum() for p in params])
+    gathered = accelerator.gather(checksum.reshape(1, -1))
+    return bool((gathered == gathered[0]).all())
+
+
+def write_summary(output_dir, summary):
+    """OUTPUT_DIR/train_summary.json: steps, what was dropped and why (by row), skipped steps."""
+    with open(os.path.join(output_dir, "train_summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+
+
 class MetricsLog:
-    """OUTPUT_DIR/metrics.jsonl: one JSON line per optimizer step (main process only)."""
+    """OUTPUT_DIR/metrics.jsonl: one JSON line per optimizer step with its metrics and the rows trained on.
 
-    def __init__(self, output_dir, accelerator, resume):
+    On resume, lines after the checkpoint's step (from the interrupted run) are dropped.
+    """
+
+    def __init__(self, output_dir, accelerator, resume_step=None):
         self.path = os.path.join(output_dir, "metrics.jsonl") if accelerator.is_main_process else None
-        if self.path and not resume and os.path.exists(self.path):
-            os.remove(self.path)
+        if not self.path or not os.path.exists(self.path):
+            return
+        kept = []
+        if resume_step is not None:
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
 
-    def write(self, step, logs):
+    def write(self, step, logs, rows):
         if self.path:
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **logs}) + "\n")
+                f.write(json.dumps({"step": step, **logs, "rows": rows}) + "\n")
 
 
 def tracker_config(args):
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
 
 
-# ---------------------------------------------------------------------------- checkpoints
-def find_checkpoint(output_dir, resume_from_checkpoint):
-    """The checkpoint folder to resume from, None to start fresh."""
-    if resume_from_checkpoint is None:
-        return None
-    if resume_from_checkpoint != "latest":
-        if not os.path.isdir(resume_from_checkpoint):
-            raise SystemExit(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder")
-        return resume_from_checkpoint
-    found = list_checkpoints(output_dir)
-    if not found:
-        logger.info(f"no checkpoint in {output_dir}; starting a new run")
-        return None
-    return os.path.join(output_dir, found[-1])
-
-
-def list_checkpoints(output_dir):
-    if not os.path.isdir(output_dir):
-        return []
-    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
-    return sorted(names, key=lambda d: int(d.split("-")[1]))
-
-
-def save_checkpoint(accelerator, args, global_step):
-    """checkpoint-N/ via accelerator.save_state, keeping at most --checkpoints_total_limit."""
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        existing = list_checkpoints(args.output_dir)
-        for name in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-            shutil.rmtree(os.path.join(args.output_dir, name))
-    path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    accelerator.save_state(path)
-    logger.info(f"saved {path}")
-
-
 # -------------------------------------------------------------------------------- outputs
-def save_final_model(args, accelerator, conditioning, unet, vae, dropped):
+def save_final_model(args, accelerator, conditioning, unet, dropped):
     """LoRA -> pytorch_lora_weights.safetensors; full -> a complete pipeline. Plus a model card."""
     pipeline_class = conditioning.pipeline_class
-    unet = unet_for_inversion(accelerator.unwrap_model(unet))
+    unet = unwrap(accelerator.unwrap_model(unet))
     if args.full_finetune:
         pipeline = conditioning.pipeline_from_pretrained(args, unet=unet.to(torch.float32))
         pipeline.save_pretrained(args.output_dir)
@@ -600,7 +640,7 @@ tags: [diffusers, {'lora, ' if not args.full_finetune else ''}smpo, preference-o
 {pipeline_class_name} `{args.pretrained_model_name_or_path}`{f' (UNet initialised from `{args.unet_init}`)' if args.unet_init else ''},
 trained with {method} on `{args.dataset_name}` (split `{args.dataset_split_name}`), noise from {noise[args.noise_source]},
 beta {args.beta_dpo} (-0.5 * beta convention), {args.max_train_steps} optimizer steps.
-Pairs left out of training: {dropped}.
+Pairs left out of training: { {why: len(rows) for why, rows in dropped.items()} }.
 
 Method: Smoothed Preference Optimization via ReNoise Inversion (Lu et al., ICML 2025).
 
@@ -619,14 +659,14 @@ image = pipe("a photo of a cat").images[0]
         f.write(card)
 
 
-def log_validation(args, accelerator, conditioning, unet, vae, weight_dtype, step, final=False):
+def log_validation(args, accelerator, conditioning, unet, weight_dtype, step, final=False):
     """Generate --validation_prompts with fixed seeds; save a PNG grid and log to the trackers."""
     import numpy as np
     from PIL import Image
 
     if not accelerator.is_main_process:
         return
-    model = unet_for_inversion(accelerator.unwrap_model(unet))
+    model = unwrap(accelerator.unwrap_model(unet))
     was_training = model.training
     pipeline = conditioning.pipeline_from_pretrained(args, unet=model, torch_dtype=weight_dtype)
     pipeline.set_progress_bar_config(disable=True)

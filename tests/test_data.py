@@ -229,14 +229,15 @@ def test_missing_image_column_is_an_error():
 
 # ------------------------------------------------------------------------------ select_pairs
 @pytest.mark.parametrize("loss_type", ["dpo", "sft"])
-def test_human_label_losses_drop_the_tie_and_count_it(pickapic, loss_type):
+def test_human_label_losses_drop_the_tie_and_report_its_row(pickapic, loss_type):
     rows, dropped = select_pairs(pickapic, loss_type)
     assert rows == [r for r in range(16) if r != 2]
-    assert sum(dropped.values()) == 1
-    assert any("tie" in why and n == 1 for why, n in dropped.items())
+    # the rows left out, by reason
+    assert [rows for rows in dropped.values() if rows] == [[2]]
+    assert any("tie" in why for why, rows in dropped.items() if rows)
 
 
-def test_smpo_drops_non_finite_scores_counts_them_and_keeps_ties(pickapic):
+def test_smpo_drops_non_finite_scores_reports_their_rows_and_keeps_ties(pickapic):
     s0 = [0.2 + 0.01 * i for i in range(16)]
     s1 = [0.21] * 16
     s0[5], s1[7], s0[11] = float("nan"), float("inf"), float("-inf")
@@ -244,7 +245,7 @@ def test_smpo_drops_non_finite_scores_counts_them_and_keeps_ties(pickapic):
     rows, dropped = select_pairs(ds, "smpo")
     assert rows == [r for r in range(16) if r not in (5, 7, 11)]
     assert 2 in rows  # the human tie does not matter to smpo
-    assert sum(dropped.values()) == 3
+    assert [rows for rows in dropped.values() if rows] == [[5, 7, 11]]
 
 
 def test_invalid_label_error_names_the_row(pickapic):
@@ -390,7 +391,7 @@ def test_dpo_puts_the_human_winner_first(pickapic):
     assert batch["original_sizes"].tolist() == [[56, 40], [32, 64], [40, 48], [36, 36]]
     assert batch["crop_top_lefts"].tolist() == [[6, 0], [0, 16], [0, 3], [0, 0]]
     assert torch.equal(batch["weight"], torch.ones(2))
-    assert batch["rows"].tolist() == [0, 1]
+    assert batch["rows"].tolist() == [0, 1] and batch["bad_rows"] == []
     assert batch["captions"] == [pickapic[0]["caption"], pickapic[1]["caption"]]
 
 
@@ -447,6 +448,7 @@ def test_a_pair_with_an_unreadable_image_is_dropped_whole_and_the_rest_stay_alig
     batch = collator(examples)
     kept = [0, 3, 5]
     assert collator.bad_rows == [1, 4]
+    assert batch["bad_rows"] == [1, 4]  # travels with the batch (DataLoader workers)
     assert batch["rows"].tolist() == kept
     assert batch["captions"] == [pickapic[r]["caption"] for r in kept]
     assert batch["pixel_values"].shape == (6, 3, RES, RES)
@@ -459,7 +461,8 @@ def test_a_pair_with_an_unreadable_image_is_dropped_whole_and_the_rest_stay_alig
         assert batch["weight"][i].item() == pytest.approx(
             10 * np.tanh(abs(gap) / (2 * DEFAULT_TEMPERATURE)), abs=1e-4), row
     # bad rows keep accumulating across batches
-    collator([{**examples[0], "row": 9, "jpg_0": b"\x00" * 10}, examples[2]])
+    second = collator([{**examples[0], "row": 9, "jpg_0": b"\x00" * 10}, examples[2]])
+    assert second["bad_rows"] == [9] and second["rows"].tolist() == [3]
     assert collator.bad_rows == [1, 4, 9]
 
 
@@ -473,15 +476,15 @@ def test_missing_image_file_drops_the_pair(tmp_path):
     ds = load_preference_dataset(str(folder))
     collator = PreferenceCollator(fixed_transform(), "dpo")
     batch = collator(examples_of(ds, [0, 1]))
-    assert batch["captions"] == ["ok"] and collator.bad_rows == [1]
+    assert batch["captions"] == ["ok"] and batch["bad_rows"] == [1] and collator.bad_rows == [1]
 
 
-def test_a_batch_with_no_readable_pair_is_none(pickapic):
+def test_a_batch_with_no_readable_pair_holds_only_its_bad_rows(pickapic):
     examples = examples_of(pickapic, [0, 1])
     examples[0]["jpg_0"] = b"garbage"
     examples[1]["jpg_1"] = b""
     collator = PreferenceCollator(fixed_transform(), "dpo")
-    assert collator(examples) is None
+    assert collator(examples) == {"bad_rows": [0, 1]}
     assert collator.bad_rows == [0, 1]
 
 

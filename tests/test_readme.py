@@ -1,5 +1,6 @@
 """The README's two opening commands: CI runs the second verbatim; the first (the quick start) works."""
 
+import json
 import os
 import re
 import sys
@@ -43,3 +44,11 @@ def test_readme_sdxl_quickstart_command_runs(quickstart_dir):
     script = os.path.join(ROOT, "train_smpo_diffusion_sdxl.py")
     run_script(["bash", "-c", command.replace("train_smpo_diffusion_sdxl.py", script)], cwd=quickstart_dir)
     assert (quickstart_dir / "smpo-quickstart" / "sdxl-lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_readme_evaluate_command_runs(quickstart_dir):
+    command = next(c for c in readme_commands() if "evaluate.py" in c and "tiny-sd" in c)
+    command = command.replace(".venv/bin/python evaluate.py", f"{sys.executable} {os.path.join(ROOT, 'evaluate.py')}")
+    run_script(["bash", "-c", command], cwd=quickstart_dir)
+    results = json.loads((quickstart_dir / "smpo-quickstart" / "eval" / "results.json").read_text())
+    assert results["num_prompts"] == 8 and 0 <= results["reward_models"][next(iter(results["reward_models"]))]["win_rate"] <= 1

@@ -269,9 +269,9 @@ def test_outputs_are_fp32_with_fp16_latents_and_an_fp16_eps_fn():
     x0, eps_c = latents_and_noise(3, seed=8)
     seen = []
 
-    def eps_fn(z, s):
+    def eps_fn(z, s):  # an fp16 model: fp16 output, here independent of z so the answer is known
         seen.append(z.dtype)
-        return (smooth_eps(z.float(), s) * 0 + eps_c).half()
+        return eps_c.half()
 
     noisy, noise = renoise_inversion(eps_fn, x0.half(), t, ALPHAS_CUMPROD, 5, 1)
     assert noisy.dtype == torch.float32 and noise.dtype == torch.float32

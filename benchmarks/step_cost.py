@@ -1,0 +1,244 @@
+#!/usr/bin/env python
+"""SmPO's optimizer-step cost next to Diffusion-DPO's, measured side by side in one process.
+
+    python benchmarks/step_cost.py --quick                       # tiny SD model on the CPU (< 2 min)
+    python benchmarks/step_cost.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --resolution 512 --mixed_precision fp16 --use_8bit_adam --gradient_checkpointing   # on a GPU
+
+Runs the training step of smpo.training (the same code the scripts run) for three configurations
+on the same model, batch and data, after warm-up, interleaving them round by round so machine
+noise hits all three alike:
+
+    smpo          --loss_type smpo --noise_source renoise (K inversion steps, R renoise steps)
+    smpo-forward  --loss_type smpo --noise_source forward
+    dpo           --loss_type dpo  --noise_source forward   (Diffusion-DPO)
+
+and prints seconds per optimizer step, UNet forward calls per step (counted by a hook), peak
+memory (CUDA max_memory_allocated, or the growth of the process RSS over the pre-step baseline
+on the CPU), each as a ratio to DPO, and the floor ratio implied by the forward count: DPO costs
+4 UNet units (policy forward + backward ~3, reference forward 1) and each no-grad inversion
+forward adds 1, so floor = (4 + inversion forwards) / 4.
+"""
+
+import argparse
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CONFIGS = {"smpo": ("smpo", "renoise"), "smpo-forward": ("smpo", "forward"), "dpo": ("dpo", "forward")}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny assets built on the fly, CPU, few steps")
+    p.add_argument("--pretrained_model_name_or_path", default=None)
+    p.add_argument("--sdxl", action="store_true", help="use the SDXL script's conditioning")
+    p.add_argument("--dataset_name", default=None, help="a scored preference dataset (default: the tiny one)")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--train_batch_size", type=int, default=1)
+    p.add_argument("--num_inversion_steps", type=int, default=5)
+    p.add_argument("--num_renoise_steps", type=int, default=1)
+    p.add_argument("--full_finetune", action="store_true")
+    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--use_8bit_adam", action="store_true")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--warmup_steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20, help="measured steps per configuration")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread; peak growth over a baseline, in bytes."""
+
+    def __init__(self, interval=0.001):
+        self.interval, self.peak, self.running = interval, 0, False
+
+    @staticmethod
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        self.base = self.peak = self.rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.growth = self.peak - self.base
+
+
+class Setup:
+    """One configuration: its own LoRA (or full) UNet and optimizer on shared frozen parts."""
+
+    def __init__(self, name, args, script, conditioning, vae, alphas_cumprod, prediction_type, batch):
+        from smpo import training
+
+        loss_type, noise_source = CONFIGS[name]
+        self.args = script.parse_args(self.flags(args, loss_type, noise_source))
+        unet = training.load_unet(self.args)
+        if self.args.full_finetune:
+            unet.to(args.device)
+            self.reference_unet = copy.deepcopy(unet).requires_grad_(False).to(dtype=self.weight_dtype(args))
+        else:
+            unet.requires_grad_(False).to(args.device, dtype=self.weight_dtype(args))
+            training.add_lora(unet, self.args.rank)
+            from diffusers.training_utils import cast_training_params
+
+            cast_training_params(unet, torch.float32)
+            self.reference_unet = None
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.unet, self.name, self.batch = unet, name, batch
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        self.optimizer = training.make_optimizer(self.args, self.params)
+        self.reference = training.make_reference(unet, self.reference_unet)
+        self.conditioning, self.vae = conditioning, vae
+        self.alphas_cumprod, self.prediction_type = alphas_cumprod, prediction_type
+        self.generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        self.calls = 0
+        unet.register_forward_pre_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+        self.autocast = torch.autocast(args.device.split(":")[0], dtype=self.weight_dtype(args),
+                                       enabled=args.mixed_precision != "no")
+        self.times, self.call_counts, self.memory = [], [], 0
+
+    @staticmethod
+    def weight_dtype(args):
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+
+    @staticmethod
+    def flags(args, loss_type, noise_source):
+        flags = ["--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
+                 "--dataset_name", args.dataset_name, "--resolution", str(args.resolution),
+                 "--loss_type", loss_type, "--noise_source", noise_source,
+                 "--num_inversion_steps", str(args.num_inversion_steps),
+                 "--num_renoise_steps", str(args.num_renoise_steps), "--train_batch_size", str(args.train_batch_size)]
+        return flags + [f for f, on in (("--full_finetune", args.full_finetune), ("--use_8bit_adam", args.use_8bit_adam))
+                        if on]
+
+    def step(self):
+        from smpo import training
+
+        with self.autocast:
+            loss, _ = training.smpo_loss(self.args, self.batch, self.unet, self.reference, self.vae,
+                                         self.conditioning, self.alphas_cumprod, self.prediction_type, self.generator)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def measure(self, device):
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        self.calls = 0
+        with PeakRSS() as rss:
+            sync()
+            start = time.perf_counter()
+            self.step()
+            sync()
+            self.times.append(time.perf_counter() - start)
+        self.call_counts.append(self.calls)
+        used = torch.cuda.max_memory_allocated() - base if device.startswith("cuda") else rss.growth
+        self.memory = max(self.memory, used)
+
+
+def make_batch(args, script):
+    import datasets
+
+    from smpo.data import PairDataset, PairTransform, PreferenceCollator
+
+    dataset = datasets.load_from_disk(args.dataset_name)
+    collator = PreferenceCollator(PairTransform(args.resolution), "smpo", seed=args.seed)
+    pairs = PairDataset(dataset, list(range(args.train_batch_size)))
+    batch = collator([pairs[i] for i in range(len(pairs))])
+    return {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def quick_assets(args):
+    """--quick: build the tiny assets and score them, like the quick start."""
+    work = tempfile.mkdtemp(prefix="smpo-bench-")
+    run = lambda *cmd: subprocess.run([sys.executable, *cmd], check=True, cwd=ROOT, capture_output=True)  # noqa: E731
+    run("examples/make_tiny_assets.py", work)
+    run("score_pairs.py", "--dataset_name", f"{work}/tiny-pickapic", "--reward_model_name_or_path",
+        f"{work}/tiny-reward", "--output_dir", f"{work}/scored", "--device", "cpu")
+    args.pretrained_model_name_or_path = f"{work}/tiny-{'sdxl' if args.sdxl else 'sd'}"
+    args.dataset_name = f"{work}/scored"
+    args.device, args.steps, args.warmup_steps = "cpu", max(args.steps, 30), 3
+
+
+def main(args):
+    if args.quick:
+        quick_assets(args)
+    if args.pretrained_model_name_or_path is None or args.dataset_name is None:
+        raise SystemExit("give --quick, or --pretrained_model_name_or_path and --dataset_name (a scored dataset)")
+    if args.sdxl:
+        import train_smpo_diffusion_sdxl as script
+        conditioning_class = script.SDXLConditioning
+    else:
+        import train_smpo_diffusion as script
+        conditioning_class = script.SDConditioning
+    from smpo import training
+
+    torch.manual_seed(args.seed)
+    base_args = script.parse_args(Setup.flags(args, "smpo", "renoise"))
+    dtype = Setup.weight_dtype(args)
+    conditioning = conditioning_class(base_args, args.device, dtype)
+    vae = conditioning.load_vae(base_args).requires_grad_(False)
+    vae.to(args.device, dtype=conditioning.vae_dtype(base_args, dtype))
+    _, alphas_cumprod, prediction_type = training.load_noise_scheduler(base_args)
+    batch = make_batch(args, script)
+    setups = [Setup(name, args, script, conditioning, vae, alphas_cumprod.to(args.device), prediction_type, batch)
+              for name in CONFIGS]
+
+    for _ in range(args.warmup_steps):
+        for s in setups:
+            s.step()
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(args.steps), desc="measuring (interleaved)"):
+        for s in setups:
+            s.measure(args.device)
+    report(args, setups)
+
+
+def report(args, setups):
+    import statistics
+
+    rows = {s.name: (statistics.median(s.times), sum(s.call_counts) / len(s.call_counts), s.memory) for s in setups}
+    dpo_time, dpo_calls, dpo_mem = rows["dpo"]
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    memory_kind = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS growth"
+    print(f"\n{args.pretrained_model_name_or_path} on {device}; {'full' if args.full_finetune else 'LoRA'}, "
+          f"batch {args.train_batch_size} pair(s), {args.resolution}px, {args.mixed_precision}, K={args.num_inversion_steps}, "
+          f"R={args.num_renoise_steps}; median of {args.steps} interleaved steps after {args.warmup_steps} warm-up")
+    print(f"{'config':<14}{'s/step':>9}{'x DPO':>8}{'UNet calls':>12}{'floor x DPO':>13}{'memory MiB':>12}{'x DPO':>8}")
+    for name, (seconds, calls, memory) in rows.items():
+        inversion_calls = calls - dpo_calls
+        floor = (4 + inversion_calls) / 4
+        print(f"{name:<14}{seconds:>9.4f}{seconds / dpo_time:>8.2f}{calls:>12.2f}{floor:>13.2f}"
+              f"{memory / 2**20:>12.1f}{memory / max(dpo_mem, 1):>8.2f}")
+    print(f"(memory: {memory_kind} during one step; floor: (4 + no-grad inversion forwards) / 4 UNet units)")
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,422 @@
+#!/usr/bin/env python
+"""Is the tuned model preferred over its base? Generate with both, score with reward models, compare.
+
+    python evaluate.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --lora_weights smpo-sd15-lora --prompts_file prompts.txt --output_dir smpo-sd15-lora/eval
+
+The base and the tuned model (``--lora_weights DIR``: the base plus a LoRA; or
+``--tuned_model_name_or_path DIR``: a complete pipeline) generate every prompt from the same
+seeds: image k of prompt i (both counted from 0) starts from the noise of a CPU generator seeded
+with ``seed + i * num_images_per_prompt + k``, whatever the batch size and device. Each reward model
+(``--reward_model_name_or_path``, repeatable; PickScore by default) scores every image against its
+prompt: the cosine similarity of the image and text embeddings, no logit scale (x100 gives
+PickScore's usual scale), as in ``score_pairs.py``.
+
+Per prompt, the tuned model wins (1), ties (0.5) or loses (0) on the mean score of its images
+against the base's. The win rate is the mean over prompts, with a 95% Wilson score interval over
+the number of prompts (ties counted half). Writes to ``--output_dir``:
+
+    results.json      base, tuned, settings, and per reward model: mean_base, mean_tuned,
+                      win_rate, win_rate_ci95, wins / ties / losses, num_prompts
+    per_prompt.csv    prompt_index, prompt, and per reward model: base score, tuned score, outcome
+    images/base/{i:04d}_{k}.png, images/tuned/{i:04d}_{k}.png
+    grid.png          the first --grid_prompts prompts (image 0 of each): base row over tuned row,
+                      the prompt under each pair
+"""
+
+import argparse
+import csv
+import gc
+import json
+import math
+import os
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from score_pairs import PICKSCORE, PICKSCORE_PROCESSOR, default_reward_processor, reward_scores
+from smpo.data import load_preference_dataset, open_image
+
+# Reward models that are not CLIP-like transformers models; not built in (see load_reward_model).
+NOT_BUILT_IN = {"hpsv2", "hpsv2.1", "imagereward", "aesthetic"}
+Z_95 = 1.959963984540054  # the 0.975 quantile of the standard normal
+GRID_MAX_CELL = 256  # grid cells are at most this wide (images are scaled down, never up)
+GRID_CAPTION_HEIGHT = 40  # px under each pair: 3 lines of a 10-px font, 12 px apart, + padding
+GRID_CAPTION_LINES = 3
+GRID_LINE_HEIGHT = 12
+
+
+# ------------------------------------------------------------------------------------ flags
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--pretrained_model_name_or_path", required=True, help="The base pipeline: hub id or local folder.")
+    a("--revision", default=None, help="Revision of the base model.")
+    a("--variant", default=None, help="Weight variant of the base model files, e.g. fp16.")
+    a("--unet_init", default=None,
+      help="Replace the base pipeline's UNet with this one (a folder with a UNet config, or a pipeline with a "
+           "unet/ subfolder), as training's --unet_init; the LoRA is then compared against that UNet.")
+    a("--pretrained_vae_model_name_or_path", default=None,
+      help="A VAE for both models, e.g. madebyollin/sdxl-vae-fp16-fix.")
+    tuned = p.add_mutually_exclusive_group(required=True)
+    tuned.add_argument("--lora_weights", default=None,
+                       help="Folder with pytorch_lora_weights.safetensors: tuned = base + this LoRA.")
+    tuned.add_argument("--tuned_model_name_or_path", default=None,
+                       help="A complete tuned pipeline (e.g. the output of --full_finetune).")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts_file", default=None,
+                        help="UTF-8 text file, one prompt a line; blank lines are skipped.")
+    source.add_argument("--dataset_name", default=None,
+                        help="A dataset (as in training: hub id, save_to_disk folder, parquet, metadata.jsonl "
+                             "folder) whose caption column gives the prompts, each unique caption once.")
+    a("--dataset_split_name", default="test")
+    a("--caption_column", default="caption")
+    a("--num_prompts", type=int, default=None, help="Use only the first N prompts (default: all).")
+    a("--num_images_per_prompt", type=int, default=1)
+    a("--num_inference_steps", type=int, default=50)
+    a("--guidance_scale", type=float, default=7.5)
+    a("--resolution", type=int, default=None, help="Height and width; default: the pipeline's own.")
+    a("--seed", type=int, default=0, help="Image k of prompt i uses seed + i * num_images_per_prompt + k.")
+    a("--batch_size", type=int, default=4, help="Images per pipeline call and per reward model call.")
+    a("--reward_model_name_or_path", action="append", default=None,
+      help=f"A CLIP-like reward model (CLIPModel: PickScore, CLIP); repeat for several. Default: {PICKSCORE}.")
+    a("--reward_processor_name_or_path", action="append", default=None,
+      help="The processor of each reward model, paired by position; missing ones default to the model path "
+           f"({PICKSCORE_PROCESSOR} for PickScore).")
+    a("--grid_prompts", type=int, default=8, help="Prompts (columns) in grid.png.")
+    a("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+      help="dtype of the diffusion pipelines (reward models run in fp32). Default: fp16 on CUDA, else no.")
+    a("--disable_safety_checker", action="store_true",
+      help="Drop the pipeline's safety checker (SD 1.x), which blacks out the images it flags.")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--cache_dir", default=None)
+    a("--output_dir", default="smpo-eval")
+    args = p.parse_args(argv)
+    for flag in ("num_images_per_prompt", "num_inference_steps", "batch_size", "grid_prompts"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1")
+    if args.num_prompts is not None and args.num_prompts < 1:
+        p.error("--num_prompts must be >= 1")
+    if args.reward_model_name_or_path is None:
+        args.reward_model_name_or_path = [PICKSCORE]
+    processors = args.reward_processor_name_or_path or []
+    if len(processors) > len(args.reward_model_name_or_path):
+        p.error("more --reward_processor_name_or_path than --reward_model_name_or_path")
+    args.reward_processor_name_or_path = processors + [
+        default_reward_processor(m) for m in args.reward_model_name_or_path[len(processors):]]
+    if args.mixed_precision is None:
+        args.mixed_precision = "fp16" if args.device.startswith("cuda") else "no"
+    return args
+
+
+# ---------------------------------------------------------------------------------- prompts
+def read_prompts(prompts_file=None, dataset_name=None, split="test", caption_column="caption", num_prompts=None,
+                 cache_dir=None):
+    """The prompts: the non-blank lines of a file, or a dataset's unique captions in first-seen order."""
+    if prompts_file is not None:
+        with open(prompts_file, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f]
+        prompts = [p for p in prompts if p]
+        where = prompts_file
+    else:
+        dataset = load_preference_dataset(dataset_name, split, cache_dir)
+        if caption_column not in dataset.column_names:
+            raise SystemExit(f"caption column '{caption_column}' not found in {dataset_name}; it has columns "
+                             f"{sorted(dataset.column_names)}. Set --caption_column.")
+        captions = (str(c).strip() for c in dataset.select_columns([caption_column])[caption_column])
+        prompts = list(dict.fromkeys(c for c in captions if c))  # unique, first-seen order
+        where = f"{dataset_name} (column {caption_column})"
+    if not prompts:
+        raise SystemExit(f"no prompts in {where}")
+    return prompts[:num_prompts] if num_prompts is not None else prompts
+
+
+# ------------------------------------------------------------------------------- generation
+def image_seed(seed, prompt_index, k, num_images_per_prompt):
+    """The seed of image k of prompt i; the same for the base and the tuned model."""
+    return seed + prompt_index * num_images_per_prompt + k
+
+
+def image_path(output_dir, which, prompt_index, k):
+    return os.path.join(output_dir, "images", which, f"{prompt_index:04d}_{k}.png")
+
+
+def load_pipeline(name_or_path, args, base=True):
+    """A diffusion pipeline in the evaluation dtype on the device, progress bar off."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    components = {}
+    if args.pretrained_vae_model_name_or_path:
+        components["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=dtype,
+                                                          cache_dir=args.cache_dir)
+    if base and args.unet_init:
+        subfolder = "unet" if os.path.isdir(os.path.join(args.unet_init, "unet")) else None
+        components["unet"] = UNet2DConditionModel.from_pretrained(args.unet_init, subfolder=subfolder,
+                                                                  torch_dtype=dtype, cache_dir=args.cache_dir)
+    extra = {"revision": args.revision, "variant": args.variant} if base else {}
+    pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype, cache_dir=args.cache_dir,
+                                             **extra, **components)
+    if args.disable_safety_checker and getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(args.device)
+
+
+@torch.no_grad()
+def generate_images(pipe, prompts, args, which):
+    """Generate num_images_per_prompt images of every prompt into images/{which}/; returns their paths (P, k)."""
+    n = args.num_images_per_prompt
+    jobs = [(i, k) for i in range(len(prompts)) for k in range(n)]
+    size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
+    os.makedirs(os.path.dirname(image_path(args.output_dir, which, 0, 0)), exist_ok=True)
+    for start in tqdm(range(0, len(jobs), args.batch_size), desc=f"generating ({which})", unit="batch"):
+        batch = jobs[start:start + args.batch_size]
+        # CPU generators: the same noise on any device, one per image so batching does not change it.
+        generators = [torch.Generator("cpu").manual_seed(image_seed(args.seed, i, k, n)) for i, k in batch]
+        images = pipe(prompt=[prompts[i] for i, _ in batch], num_inference_steps=args.num_inference_steps,
+                      guidance_scale=args.guidance_scale, generator=generators, **size).images
+        for (i, k), image in zip(batch, images):
+            image.save(image_path(args.output_dir, which, i, k))
+    return [[image_path(args.output_dir, which, i, k) for k in range(n)] for i in range(len(prompts))]
+
+
+def free_memory(device):
+    """Give back the memory of models the caller has just deleted."""
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def generate_base_and_tuned(prompts, args):
+    """Paths of the base's and the tuned model's images; one pipeline in memory at a time."""
+    pipe = load_pipeline(args.pretrained_model_name_or_path, args)
+    base = generate_images(pipe, prompts, args, "base")
+    if args.lora_weights:
+        pipe.load_lora_weights(args.lora_weights)
+    else:
+        del pipe
+        free_memory(args.device)
+        pipe = load_pipeline(args.tuned_model_name_or_path, args, base=False)
+    tuned = generate_images(pipe, prompts, args, "tuned")
+    del pipe
+    free_memory(args.device)
+    return base, tuned
+
+
+# ---------------------------------------------------------------------------------- scoring
+def load_reward_model(name_or_path, processor_name_or_path, device, cache_dir=None):
+    """A CLIP-like reward model (PickScore, CLIP) and its processor, through transformers, in fp32.
+
+    To add another kind of scorer (HPSv2, ImageReward, an aesthetic predictor), give it the interface of
+    score_pairs.reward_scores and dispatch on its name here; keep its package an optional import.
+    """
+    from transformers import AutoModel, AutoProcessor
+
+    if name_or_path.lower() in NOT_BUILT_IN:
+        raise SystemExit(
+            f"reward model '{name_or_path}' is not built in: evaluate.py scores with CLIP-like transformers "
+            f"models (PickScore: {PICKSCORE}, or any CLIPModel such as openai/clip-vit-large-patch14). "
+            "See load_reward_model in evaluate.py for where to add another scorer.")
+    model = AutoModel.from_pretrained(name_or_path, cache_dir=cache_dir).to(device).eval()
+    processor = AutoProcessor.from_pretrained(processor_name_or_path, cache_dir=cache_dir)
+    return model, processor
+
+
+def score_images(model, processor, paths, prompts, device, batch_size, desc="scoring"):
+    """Reward scores of the images at paths (P, k) against their prompts, as a (P, k) float64 array."""
+    flat = [(path, prompts[i]) for i, row in enumerate(paths) for path in row]
+    scores = []
+    for start in tqdm(range(0, len(flat), batch_size), desc=desc, unit="batch"):
+        batch = flat[start:start + batch_size]
+        images = [open_image(path) for path, _ in batch]
+        scores.append(reward_scores(model, processor, images, [prompt for _, prompt in batch], device))
+    return torch.cat(scores).double().numpy().reshape(len(paths), -1)
+
+
+def outcomes(base_scores, tuned_scores):
+    """Per prompt: 1 if the tuned model's mean score is higher, 0.5 if equal, 0 if lower."""
+    base, tuned = np.mean(base_scores, axis=1), np.mean(tuned_scores, axis=1)
+    return np.where(tuned > base, 1.0, np.where(tuned == base, 0.5, 0.0))
+
+
+def win_rate_with_ci(outcome, z=Z_95):
+    """Win rate (ties count half) and its Wilson score interval over n = len(outcome) prompts.
+
+    With p the win rate: centre (p + z^2 / 2n) / (1 + z^2 / n), half-width
+    z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2). It stays inside [0, 1] and is defined for
+    n = 1 (p = 1 gives [1 / (1 + z^2), 1]).
+    """
+    outcome = np.asarray(outcome, dtype=np.float64)
+    n = outcome.size
+    if n == 0:
+        raise ValueError("no outcomes to compute a win rate from")
+    p = float(outcome.mean())
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def summarize(base_scores, tuned_scores):
+    """results.json entry of one reward model."""
+    result = outcomes(base_scores, tuned_scores)
+    rate, low, high = win_rate_with_ci(result)
+    return {"mean_base": float(np.mean(base_scores)), "mean_tuned": float(np.mean(tuned_scores)),
+            "win_rate": rate, "win_rate_ci95": [low, high], "wins": int((result == 1).sum()),
+            "ties": int((result == 0.5).sum()), "losses": int((result == 0).sum()), "num_prompts": int(result.size)}
+
+
+def reward_model_keys(names):
+    """Names for results.json / CSV columns: the path as given, '#2', '#3'... when one repeats."""
+    keys, seen = [], {}
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return keys
+
+
+# ---------------------------------------------------------------------------------- outputs
+def make_grid(base_images, tuned_images, prompts, max_cell=GRID_MAX_CELL):
+    """Base images in the top row, tuned in the bottom row, each prompt under its pair.
+
+    Cells are min(image width, max_cell) wide (aspect kept); the image is
+    (columns * cell_width) x (2 * cell_height + GRID_CAPTION_HEIGHT).
+    """
+    from PIL import Image, ImageDraw
+
+    width, height = base_images[0].size
+    cell_w = min(width, max_cell)
+    cell_h = max(1, round(height * cell_w / width))
+    grid = Image.new("RGB", (cell_w * len(prompts), 2 * cell_h + GRID_CAPTION_HEIGHT), "white")
+    draw, font = ImageDraw.Draw(grid), caption_font()
+    for col, (base, tuned, prompt) in enumerate(zip(base_images, tuned_images, prompts)):
+        x = col * cell_w
+        grid.paste(base.convert("RGB").resize((cell_w, cell_h)), (x, 0))
+        grid.paste(tuned.convert("RGB").resize((cell_w, cell_h)), (x, cell_h))
+        for line_no, line in enumerate(wrap_caption(prompt, draw, font, cell_w - 4)):
+            draw.text((x + 2, 2 * cell_h + 2 + line_no * GRID_LINE_HEIGHT), line, fill="black", font=font)
+    return grid
+
+
+def caption_font(size=10):
+    """DejaVu Sans where installed (accented Latin, Greek, Cyrillic), else PIL's default font."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default()
+
+
+def wrap_caption(text, draw, font, max_width, max_lines=GRID_CAPTION_LINES):
+    """Lines of text that fit max_width px (words, or characters of a long word); '...' if cut."""
+    lines, line = [], ""
+    for char in text:
+        if char == "\n":
+            char = " "
+        if draw.textlength(line + char, font=font) <= max_width or not line:
+            line += char
+            continue
+        head, sep, tail = line.rpartition(" ")  # break at the last space if there is one
+        if sep and head:
+            lines.append(head)
+            line = tail + char
+        else:
+            lines.append(line)
+            line = char.lstrip()
+    if line:
+        lines.append(line)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and draw.textlength(last + "...", font=font) > max_width:
+            last = last[:-1]
+        lines = lines[:max_lines - 1] + [last + "..."]
+    return lines
+
+
+def write_csv(path, prompts, keys, scores):
+    """One row a prompt: index, prompt, and per reward model the mean base / tuned score and the outcome."""
+    names = {1.0: "win", 0.5: "tie", 0.0: "loss"}
+    columns = ["prompt_index", "prompt"] + [f"{key} {c}" for key in keys for c in ("base", "tuned", "outcome")]
+    per_model = {key: (np.mean(b, axis=1), np.mean(t, axis=1), outcomes(b, t)) for key, (b, t) in scores.items()}
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for i, prompt in enumerate(prompts):
+            row = [i, prompt]
+            for key in keys:
+                base, tuned, outcome = per_model[key]
+                row += [f"{base[i]:.8f}", f"{tuned[i]:.8f}", names[float(outcome[i])]]
+            writer.writerow(row)
+
+
+def settings(args, image_size):
+    return {
+        "prompts": args.prompts_file or f"{args.dataset_name} (split {args.dataset_split_name}, "
+                                        f"unique values of {args.caption_column})",
+        "tuned_kind": "lora" if args.lora_weights else "pipeline",
+        "unet_init": args.unet_init,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "resolution": args.resolution,
+        "image_size": list(image_size),
+        "seed": args.seed,
+        "seeds": "image k of prompt i: seed + i * num_images_per_prompt + k (CPU generator)",
+        "mixed_precision": args.mixed_precision,
+        "score": "cosine similarity of image and prompt embeddings, no logit scale",
+        "win_rate": "per prompt, mean tuned score vs mean base score over its images; win 1, tie 0.5, loss 0; "
+                    "95% Wilson score interval over prompts",
+        "reward_processors": dict(zip(reward_model_keys(args.reward_model_name_or_path),
+                                      args.reward_processor_name_or_path)),
+    }
+
+
+# ------------------------------------------------------------------------------------- main
+def main(args):
+    from PIL import Image
+
+    prompts = read_prompts(args.prompts_file, args.dataset_name, args.dataset_split_name, args.caption_column,
+                           args.num_prompts, args.cache_dir)
+    os.makedirs(args.output_dir, exist_ok=True)
+    print(f"{len(prompts)} prompts x {args.num_images_per_prompt} images, base and tuned")
+    base_paths, tuned_paths = generate_base_and_tuned(prompts, args)
+
+    keys = reward_model_keys(args.reward_model_name_or_path)
+    scores = {}
+    for key, name, processor_name in zip(keys, args.reward_model_name_or_path, args.reward_processor_name_or_path):
+        model, processor = load_reward_model(name, processor_name, args.device, args.cache_dir)
+        scores[key] = tuple(score_images(model, processor, paths, prompts, args.device, args.batch_size,
+                                         desc=f"scoring {which} ({os.path.basename(key.rstrip('/'))})")
+                            for which, paths in (("base", base_paths), ("tuned", tuned_paths)))
+        del model, processor
+        free_memory(args.device)
+
+    shown = range(min(args.grid_prompts, len(prompts)))
+    base_images = [Image.open(base_paths[i][0]) for i in shown]
+    make_grid(base_images, [Image.open(tuned_paths[i][0]) for i in shown],
+              [prompts[i] for i in shown]).save(os.path.join(args.output_dir, "grid.png"))
+    write_csv(os.path.join(args.output_dir, "per_prompt.csv"), prompts, keys, scores)
+    results = {
+        "base": args.pretrained_model_name_or_path,
+        "tuned": args.lora_weights or args.tuned_model_name_or_path,
+        "num_prompts": len(prompts),
+        "num_images_per_prompt": args.num_images_per_prompt,
+        "settings": settings(args, base_images[0].size),
+        "reward_models": {key: summarize(*scores[key]) for key in keys},
+    }
+    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, ensure_ascii=False)
+
+    for key, r in results["reward_models"].items():
+        low, high = r["win_rate_ci95"]
+        print(f"{key}: mean base {r['mean_base']:.4f}, tuned {r['mean_tuned']:.4f}; tuned wins "
+              f"{r['win_rate']:.1%} [{low:.1%}, {high:.1%}] of {r['num_prompts']} prompts "
+              f"({r['wins']} wins, {r['ties']} ties, {r['losses']} losses)")
+    print(f"wrote {args.output_dir}: results.json, per_prompt.csv, grid.png, images/")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args())

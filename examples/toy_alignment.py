@@ -1,0 +1,673 @@
+#!/usr/bin/env python
+"""A CPU-sized preference-alignment experiment that shows whether SmPO moves a model toward what people prefer.
+
+    python examples/toy_alignment.py --quick          # ~10-15 min on 2 CPU cores from scratch, ~5 min cached
+    python examples/toy_alignment.py                  # the full experiment (~45 min)
+    python examples/toy_alignment.py --minimal        # a smoke test of every stage (CI, ~1-2 min)
+
+Offline, everything in fp32 on the CPU, written to --work_dir (default ./toy-alignment):
+
+1. A synthetic world: 32x32 coloured disks on grey, caption "a disk". The true preference is the
+   disk's *warmth*, cos(hue - 30 deg) in [-1, 1] (orange best, cyan/blue worst), measured from
+   pixels (`true_preference`). Raters are noisy: each pair's binary label is drawn from a
+   Bradley-Terry model of the warmth, p(image 0 preferred) = sigmoid((w0 - w1) / rater_temperature),
+   so near-ties are coin flips and some labels are flipped.
+2. A tiny base text-to-image model trained on the whole world (all hues, so it is neutral): an
+   AutoencoderKL, a UNet2DConditionModel and a char-level CLIP text encoder, saved as a real
+   StableDiffusionPipeline in WORK/base-<key>/ (cached: a rerun with the same settings skips it).
+3. A Pick-a-Pic-schema preference dataset (caption, jpg_0, jpg_1, label_0) of world pairs, and a
+   tiny reward model (a transformers CLIPModel + CLIPProcessor trained for the purpose) whose
+   cosine(image, caption) is 0.2 + 0.08 * (warmth + noise), noise ~ N(0, reward_noise) per
+   training image: a PickScore stand-in whose score range equals PickScore's min-max range (tau).
+   The pairs are scored by `score_pairs.py`, run as a user would.
+4. Three LoRA runs of `train_smpo_diffusion.py` through `accelerate launch`, same steps, beta,
+   learning rate, batch and seed: Diffusion-DPO (human labels, forward noise), SmPO smoothing only
+   (reward-smoothed weights, forward noise) and full SmPO (smoothing + ReNoise inversion).
+5. Evaluation of the base and every checkpoint on fixed seeds: mean true preference of the samples
+   (with its standard error), diversity (normalised entropy of the hue histogram; 1 = all hues
+   equally often) and drift (RMS pixel distance to the base model's sample from the same seed).
+
+Outputs in WORK: results.json, preference_vs_step.png, samples_grid.png, and a table in the terminal.
+"""
+
+import argparse
+import colorsys
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPTION = "a disk"
+RESOLUTION = 32
+WARM_HUE = 30.0 / 360.0  # orange: the most preferred hue
+BASE_VERSION = "toy-base-v1"  # change when the base-model code changes (invalidates the cache)
+DATA_VERSION = "toy-data-v1"
+
+METHODS = {
+    "dpo": {"label": "Diffusion-DPO", "flags": ["--loss_type", "dpo", "--noise_source", "forward"]},
+    "smpo_smooth": {"label": "SmPO smoothing only", "flags": ["--loss_type", "smpo", "--noise_source", "forward"]},
+    "smpo": {"label": "SmPO (smoothing + ReNoise)", "flags": ["--loss_type", "smpo", "--noise_source", "renoise"]},
+}
+
+# Sizes of each mode. "base_*" and "world_*" keys make the base cache key; the others are the experiment.
+PRESETS = {
+    "minimal": dict(world_size=256, vae_channels=(8, 16), vae_steps=20, unet_channels=(16, 32), unet_steps=20,
+                    base_batch=16, num_pairs=48, reward_steps=20, steps=4, batch_size=4, checkpoint_every=2,
+                    num_eval_samples=8, eval_inference_steps=4, grid_samples=4),
+    "quick": dict(world_size=2000, vae_channels=(16, 32), vae_steps=300, unet_channels=(32, 64), unet_steps=900,
+                  base_batch=32, num_pairs=1000, reward_steps=300, steps=60, batch_size=8, checkpoint_every=20,
+                  num_eval_samples=96, eval_inference_steps=20, grid_samples=8),
+    "full": dict(world_size=4000, vae_channels=(16, 32), vae_steps=400, unet_channels=(32, 64), unet_steps=1500,
+                 base_batch=32, num_pairs=2000, reward_steps=500, steps=200, batch_size=8, checkpoint_every=25,
+                 num_eval_samples=256, eval_inference_steps=25, grid_samples=8),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="The README's first command: a few minutes.")
+    mode.add_argument("--minimal", action="store_true", help="Tiny sizes, a few steps: checks every stage (CI).")
+    p.add_argument("--work_dir", default="toy-alignment")
+    p.add_argument("--steps", type=int, default=None, help="Training steps of each method (default: per mode).")
+    p.add_argument("--checkpoint_every", type=int, default=None, help="Evaluate every N steps (default: per mode).")
+    p.add_argument("--batch_size", type=int, default=None, help="Pairs per training step (default: per mode).")
+    p.add_argument("--learning_rate", type=float, default=2e-4)
+    p.add_argument("--beta_dpo", type=float, default=500.0, help="KL strength, -0.5 * beta convention.")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank.")
+    p.add_argument("--num_inversion_steps", type=int, default=5)
+    p.add_argument("--num_eval_samples", type=int, default=None)
+    p.add_argument("--eval_inference_steps", type=int, default=None, help="DDIM steps when sampling.")
+    p.add_argument("--rater_temperature", type=float, default=0.3,
+                   help="Bradley-Terry temperature of the simulated human raters (in warmth units).")
+    p.add_argument("--reward_noise", type=float, default=0.15, help="Noise std of the reward model's targets.")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads, also for the training subprocesses (default 1: on a shared 2-core machine a second "
+                        "thread that has to wait for a busy core made every step ~10x slower).")
+    p.add_argument("--rebuild_base", action="store_true", help="Retrain the base model even if it is cached.")
+    args = p.parse_args(argv)
+    args.mode = "minimal" if args.minimal else "quick" if args.quick else "full"
+    cfg = dict(PRESETS[args.mode])
+    for key in ("steps", "checkpoint_every", "batch_size", "num_eval_samples", "eval_inference_steps"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    args.cfg = cfg
+    return args
+
+
+# ------------------------------------------------------------------------------- the world
+def hue_warmth(hue):
+    """The true preference of a hue in [0, 1): cos(hue - 30 deg), 1 for orange, -1 for cyan-blue."""
+    return np.cos(2 * np.pi * (np.asarray(hue) - WARM_HUE))
+
+
+def draw_disks(rng, n):
+    """n images (n, 32, 32, 3) in [0, 1] of one antialiased disk on grey, and their hues."""
+    yy, xx = np.mgrid[0:RESOLUTION, 0:RESOLUTION].astype(np.float32) + 0.5
+    images = np.empty((n, RESOLUTION, RESOLUTION, 3), np.float32)
+    hues = rng.random(n)
+    for i in range(n):
+        sat, val = rng.uniform(0.75, 1.0), rng.uniform(0.8, 1.0)
+        colour = np.array(colorsys.hsv_to_rgb(hues[i], sat, val), np.float32)
+        radius = rng.uniform(6.0, 11.0)
+        cy, cx = rng.uniform(radius + 1, RESOLUTION - radius - 1, size=2)
+        inside = np.clip(radius - np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) + 0.5, 0.0, 1.0)[..., None]
+        images[i] = 0.5 * (1 - inside) + colour * inside
+    return images, hues
+
+
+def measure_hue(images, chroma_threshold=0.25, min_pixels=6):
+    """Hue of the mean colour of the coloured (non-grey) pixels of each image; NaN where there is no disk.
+
+    ``images``: (n, H, W, 3) floats in [0, 1]. A pixel is coloured when max(RGB) - min(RGB) exceeds
+    ``chroma_threshold`` (grey has 0, the world's disks at least 0.6).
+    """
+    images = np.asarray(images, np.float64)
+    chroma = images.max(-1) - images.min(-1)
+    hues = np.full(len(images), np.nan)
+    for i, (image, c) in enumerate(zip(images, chroma)):
+        mask = c > chroma_threshold
+        if mask.sum() >= min_pixels:
+            hues[i] = colorsys.rgb_to_hsv(*image[mask].mean(0))[0]
+    return hues
+
+
+def true_preference(images):
+    """The true preference measured from pixels: warmth of the disk's hue; -1 (the worst) where there is no disk."""
+    hues = measure_hue(images)
+    return np.where(np.isnan(hues), -1.0, hue_warmth(np.nan_to_num(hues))), ~np.isnan(hues)
+
+
+def hue_diversity(images, bins=12):
+    """Normalised entropy of the hue histogram of the samples with a disk: 1 = all hues equally often, 0 = one hue."""
+    hues = measure_hue(images)
+    hues = hues[~np.isnan(hues)]
+    if len(hues) == 0:
+        return 0.0
+    counts = np.histogram(hues, bins=bins, range=(0.0, 1.0))[0].astype(np.float64)
+    prob = counts[counts > 0] / counts.sum()
+    return float(-(prob * np.log(prob)).sum() / np.log(bins))
+
+
+def to_uint8(images):
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def encoded(image, fmt="JPEG"):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(image)).save(buf, format=fmt, quality=95)
+    return buf.getvalue()
+
+
+# -------------------------------------------------------------------------- the base model
+def make_tokenizer():
+    """A CLIPTokenizer over single characters (as examples/make_tiny_assets.py), model_max_length 77."""
+    import string
+
+    from transformers import CLIPTokenizer
+
+    chars = list(string.ascii_lowercase + string.digits + ".,!?'-")
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(tokens)}, merges=[], model_max_length=77)
+
+
+def text_config(vocab_size, hidden=32, projection_dim=32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, projection_dim=projection_dim,
+                          bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+def make_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+def cosine_lr(optimizer, total, warmup=20):
+    import torch
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))) * 0.95 + 0.05
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_base(cfg, world, out_dir, seed, tqdm):
+    """Train the VAE, then the UNet on the world; save a StableDiffusionPipeline to out_dir."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    gen = np.random.default_rng(seed)
+    pixels = torch.from_numpy(world).permute(0, 3, 1, 2) * 2 - 1  # (n, 3, 32, 32) in [-1, 1]
+    batch = cfg["base_batch"]
+    log = {}
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(cfg["vae_channels"]),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=RESOLUTION)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = cosine_lr(opt, cfg["vae_steps"])
+    bar = tqdm(range(cfg["vae_steps"]), desc="base 1/2: VAE", unit="step")
+    for _ in bar:
+        x = pixels[gen.integers(0, len(pixels), batch)]
+        dist = vae.encode(x).latent_dist
+        recon = vae.decode(dist.sample()).sample
+        mse = F.mse_loss(recon, x)
+        kl = dist.kl().mean() / x[0].numel()
+        loss = mse + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(mse=f"{mse.item():.4f}")
+    log["vae_mse"] = mse.item()
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(c).latent_dist.mean for c in pixels.split(256)])
+    scaling = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scaling)
+    latents = latents * scaling
+
+    tokenizer = make_tokenizer()
+    text_encoder = CLIPTextModel(text_config(len(tokenizer))).eval()
+    with torch.no_grad():
+        ids = tokenizer([CAPTION], max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids
+        cond = text_encoder(ids)[0]
+
+    c1, c2 = cfg["unet_channels"]
+    unet = UNet2DConditionModel(sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(c1, c2), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    scheduler = make_scheduler()
+    ddpm = DDPMScheduler.from_config(scheduler.config)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = cosine_lr(opt, cfg["unet_steps"])
+    bar = tqdm(range(cfg["unet_steps"]), desc="base 2/2: UNet", unit="step")
+    ema = None
+    for _ in bar:
+        x0 = latents[gen.integers(0, len(latents), batch)]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, ddpm.config.num_train_timesteps, (batch,))
+        pred = unet(ddpm.add_noise(x0, noise, t), t, encoder_hidden_states=cond.expand(batch, -1, -1)).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema:.4f}")
+    log["unet_loss"] = ema
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.eval(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out_dir)
+    return log
+
+
+def base_key(cfg, seed):
+    keys = {k: cfg[k] for k in ("world_size", "vae_channels", "vae_steps", "unet_channels", "unet_steps", "base_batch")}
+    text = json.dumps({"version": BASE_VERSION, "seed": seed, **keys}, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:10], keys
+
+
+# ------------------------------------------------------------------ data and reward model
+def build_dataset(args, cfg, out_dir, tqdm):
+    """Pick-a-Pic-schema pairs of world images with Bradley-Terry rater labels; save_to_disk."""
+    from datasets import Dataset
+
+    rng = np.random.default_rng(args.seed + 1)
+    images, hues = draw_disks(rng, 2 * cfg["num_pairs"])
+    warmth = hue_warmth(hues)
+    rows = []
+    for i in tqdm(range(cfg["num_pairs"]), desc="preference pairs", unit="pair"):
+        w0, w1 = warmth[2 * i], warmth[2 * i + 1]
+        p0 = 1.0 / (1.0 + math.exp(-(w0 - w1) / args.rater_temperature))
+        label_0 = float(rng.random() < p0)
+        rows.append({"caption": CAPTION, "jpg_0": encoded(images[2 * i]), "jpg_1": encoded(images[2 * i + 1]),
+                     "label_0": label_0, "label_1": 1.0 - label_0, "true_preference_0": float(w0),
+                     "true_preference_1": float(w1), "ranking_id": i})
+    Dataset.from_list(rows).save_to_disk(out_dir)
+    w0, w1 = warmth[0::2], warmth[1::2]
+    labels = np.array([r["label_0"] for r in rows])
+    return {"num_pairs": len(rows), "labels_agree_with_truth": float(((w0 > w1) == (labels == 1)).mean()),
+            "near_ties (|w0 - w1| < 0.1)": float((np.abs(w0 - w1) < 0.1).mean())}
+
+
+def train_reward_model(args, cfg, out_dir, tqdm):
+    """A tiny CLIPModel + CLIPProcessor: cosine(image, caption) ~ 0.2 + 0.08 * (warmth + noise)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
+    sys.path.insert(0, ROOT)
+    from score_pairs import _embedding
+
+    torch.manual_seed(args.seed + 2)
+    rng = np.random.default_rng(args.seed + 2)
+    n = max(512, cfg["num_pairs"])
+    images, hues = draw_disks(rng, n)
+    target = 0.2 + 0.08 * (hue_warmth(hues) + args.reward_noise * rng.standard_normal(n))
+    tokenizer = make_tokenizer()
+    vision = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=RESOLUTION, patch_size=4, projection_dim=32)
+    model = CLIPModel(CLIPConfig(text_config=text_config(len(tokenizer)).to_dict(), vision_config=vision.to_dict(),
+                                 projection_dim=32))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": RESOLUTION},
+                                                                 crop_size={"height": RESOLUTION, "width": RESOLUTION}),
+                              tokenizer=tokenizer)
+    from PIL import Image
+
+    pixel_values = processor(images=[Image.fromarray(im) for im in to_uint8(images)], return_tensors="pt")["pixel_values"]
+    text = processor(text=[CAPTION], padding=True, return_tensors="pt")
+    target = torch.tensor(target, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = cosine_lr(opt, cfg["reward_steps"])
+    bar = tqdm(range(cfg["reward_steps"]), desc="reward model", unit="step")
+    for _ in bar:
+        idx = torch.from_numpy(rng.integers(0, n, 64))
+        img = F.normalize(_embedding(model.get_image_features(pixel_values=pixel_values[idx])), dim=-1)
+        txt = F.normalize(_embedding(model.get_text_features(**text)), dim=-1)
+        loss = F.mse_loss((img * txt).sum(-1), target[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(rmse=f"{loss.item() ** 0.5:.4f}")
+    model.eval().save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def python_env(args):
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads),
+            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def run(cmd, args, log_path):
+    """Run a command; its output goes to log_path (the progress bars stay on our terminal)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, env=python_env(args), stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = open(log_path).read()[-4000:]
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- {log_path} ---\n{tail}")
+
+
+def accelerate_cmd():
+    return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "train_smpo_diffusion.py")]
+
+
+# ---------------------------------------------------------------------------- evaluation
+def load_pipeline(path):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe, cfg, seed, batch=32):
+    """num_eval_samples images (n, 32, 32, 3) in [0, 1]; image k starts from the noise of seed + k."""
+    import torch
+
+    out = []
+    n = cfg["num_eval_samples"]
+    with torch.no_grad():
+        for start in range(0, n, batch):
+            ks = range(start, min(n, start + batch))
+            gens = [torch.Generator().manual_seed(seed + k) for k in ks]
+            out.append(pipe([CAPTION] * len(gens), height=RESOLUTION, width=RESOLUTION, guidance_scale=1.0,
+                            num_inference_steps=cfg["eval_inference_steps"], generator=gens, output_type="np").images)
+    return np.concatenate(out).astype(np.float32)
+
+
+def summarize(images, base_images):
+    """Mean true preference (+ its standard error, and the paired gain over the base on the same seeds),
+    hue diversity, drift from the base's samples (RMS pixel distance, pixels in [0, 1]) and the disk rate."""
+    pref, has_disk = true_preference(images)
+    gain = pref - true_preference(base_images)[0]
+    se = (lambda x: float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0)
+    return {"true_preference": float(pref.mean()), "true_preference_se": se(pref),
+            "paired_gain": float(gain.mean()), "paired_gain_se": se(gain),
+            "diversity": hue_diversity(images),
+            "drift": float(np.sqrt(((images - base_images) ** 2).mean(axis=(1, 2, 3))).mean()),
+            "disk_rate": float(has_disk.mean())}
+
+
+def checkpoint_dirs(run_dir):
+    found = {}
+    for name in os.listdir(run_dir):
+        if name.startswith("checkpoint-") and os.path.exists(os.path.join(run_dir, name, "pytorch_lora_weights.safetensors")):
+            found[int(name.split("-")[1])] = os.path.join(run_dir, name)
+    return dict(sorted(found.items()))
+
+
+def steps_to_reach(curve, level):
+    """First evaluated step whose mean true preference reaches ``level`` (None if never)."""
+    for step, row in sorted(curve.items(), key=lambda kv: int(kv[0])):
+        if row["true_preference"] >= level:
+            return int(step)
+    return None
+
+
+# ------------------------------------------------------------------------------- outputs
+def plot_curves(results, path, size=(720, 440)):
+    """True preference vs step for each method (mean +- 1 SE band), the base as a dashed line; drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    left, right, top, bottom = 70, 190, 36, 50
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    curves = {}
+    for name, res in results["methods"].items():
+        steps = sorted(int(s) for s in res["curve"])
+        curves[name] = [(s, res["curve"][str(s)]["true_preference"], res["curve"][str(s)]["true_preference_se"])
+                        for s in steps]
+    points = [p for c in curves.values() for p in c]
+    max_step = max([s for s, _, _ in points] + [1])
+    base = results["base"]["true_preference"]
+    lo = min([m - se for _, m, se in points] + [base]) - 0.02
+    hi = max([m + se for _, m, se in points] + [base]) + 0.02
+
+    def xy(step, value):
+        return (left + (width - left - right) * step / max_step,
+                top + (height - top - bottom) * (hi - value) / (hi - lo))
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for k in range(5):  # y ticks
+        value = lo + (hi - lo) * k / 4
+        x, y = xy(0, value)
+        draw.line([x - 4, y, x, y], fill="black")
+        draw.text((6, y - 6), f"{value:+.3f}", fill="black")
+    for step in sorted({s for s, _, _ in points}):  # x ticks
+        x, y = xy(step, lo)
+        draw.line([x, y, x, y + 4], fill="black")
+        draw.text((x - 8, y + 8), str(step), fill="black")
+    draw.text((left + (width - left - right) // 2 - 40, height - 20), "training step", fill="black")
+    draw.text((left, 8), f"mean true preference (warmth) of samples, +-1 SE ({results['mode']} mode)", fill="black")
+    y0 = xy(0, base)[1]
+    for x in range(left, width - right, 10):
+        draw.line([x, y0, x + 5, y0], fill=(120, 120, 120))
+    colours = {"dpo": (31, 119, 180), "smpo_smooth": (44, 160, 44), "smpo": (214, 39, 40)}
+    legend = [("base", (120, 120, 120))] + [(METHODS[n]["label"], colours[n]) for n in curves]
+    for name, curve in curves.items():
+        colour = colours[name]
+        band = Image.new("RGBA", size, (0, 0, 0, 0))
+        upper = [xy(s, m + se) for s, m, se in curve]
+        lower = [xy(s, m - se) for s, m, se in reversed(curve)]
+        ImageDraw.Draw(band).polygon(upper + lower, fill=colour + (45,))
+        image.paste(band, (0, 0), band)
+        draw = ImageDraw.Draw(image)
+        line = [xy(s, m) for s, m, _ in curve]
+        draw.line(line, fill=colour, width=2)
+        for x, y in line:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    for k, (label, colour) in enumerate(legend):
+        y = top + 10 + 18 * k
+        draw.line([width - right + 10, y + 6, width - right + 30, y + 6], fill=colour, width=3)
+        draw.text((width - right + 36, y), label, fill="black")
+    image.save(path)
+    return image.size
+
+
+def sample_grid(rows, labels, path, scale=2):
+    """One row per model (base first), the same seeds in each column, a label on the left."""
+    from PIL import Image, ImageDraw
+
+    cell = RESOLUTION * scale
+    label_w = 150
+    n = max(len(r) for r in rows)
+    grid = Image.new("RGB", (label_w + n * cell, len(rows) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (images, label) in enumerate(zip(rows, labels)):
+        draw.text((4, r * cell + cell // 2 - 6), label, fill="black")
+        for c, image in enumerate(images):
+            grid.paste(Image.fromarray(to_uint8(image)).resize((cell, cell), Image.NEAREST), (label_w + c * cell, r * cell))
+    grid.save(path)
+    return grid.size
+
+
+def print_table(results):
+    base = results["base"]
+    header = f"{'model':<28}{'step':>6}  {'true pref +- se':>16}  {'vs base (se)':>12}  {'diversity':>9}  {'drift':>6}"
+    print("\n" + header + "\n" + "-" * len(header))
+    print(f"{'base':<28}{0:>6}  {base['true_preference']:>+8.3f} +- {base['true_preference_se']:.3f}  {'':>12}  "
+          f"{base['diversity']:>9.3f}  {0.0:>6.3f}")
+    for name, res in results["methods"].items():
+        for step in sorted(res["curve"], key=int):
+            row = res["curve"][step]
+            z = (row["true_preference"] - base["true_preference"]) / math.hypot(row["true_preference_se"],
+                                                                                base["true_preference_se"])
+            print(f"{METHODS[name]['label']:<28}{int(step):>6}  {row['true_preference']:>+8.3f} +- "
+                  f"{row['true_preference_se']:.3f}  {z:>+12.1f}  {row['diversity']:>9.3f}  {row['drift']:>6.3f}")
+    if "steps_to_dpo_final" in results:
+        print(f"\nsteps to reach Diffusion-DPO's final mean preference ({results['dpo_final']:+.3f}): "
+              + ", ".join(f"{METHODS[k]['label']}: {v if v is not None else 'not reached'}"
+                          for k, v in results["steps_to_dpo_final"].items()))
+
+
+# ---------------------------------------------------------------------------------- main
+def main(args):
+    import torch
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(args.threads)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder" is expected here
+    os.environ.update({k: v for k, v in python_env(args).items() if k.endswith("OFFLINE")})
+    cfg = args.cfg
+    work = os.path.abspath(args.work_dir)
+    os.makedirs(work, exist_ok=True)
+    timings, t_start = {}, time.time()
+    print(f"toy alignment, {args.mode} mode, in {work}")
+
+    # 1-2. the world and the base model (cached on the settings that make it)
+    key, key_cfg = base_key(cfg, args.seed)
+    base_dir = os.path.join(work, f"base-{key}")
+    t0 = time.time()
+    if os.path.exists(os.path.join(base_dir, "DONE")) and not args.rebuild_base:
+        base_log = json.load(open(os.path.join(base_dir, "DONE")))
+        print(f"reusing the cached base model {base_dir} (trained in {base_log['seconds']:.0f} s)")
+        timings["base_cached"] = True
+    else:
+        shutil.rmtree(base_dir, ignore_errors=True)
+        world, _ = draw_disks(np.random.default_rng(args.seed), cfg["world_size"])
+        base_log = train_base(cfg, world, base_dir, args.seed, tqdm)
+        base_log.update(seconds=time.time() - t0, settings=key_cfg)
+        json.dump(base_log, open(os.path.join(base_dir, "DONE"), "w"), indent=1, default=list)
+        print(f"trained the base model in {base_log['seconds']:.0f} s: {base_dir}")
+        timings["base_cached"] = False
+    timings["base_s"] = time.time() - t0
+
+    # 3. preference data, reward model, scores (cached on their settings too)
+    t0 = time.time()
+    data_key = hashlib.sha256(json.dumps([DATA_VERSION, args.seed, cfg["num_pairs"], cfg["reward_steps"],
+                                          args.rater_temperature, args.reward_noise]).encode()).hexdigest()[:10]
+    data_dir = os.path.join(work, f"data-{data_key}")
+    pairs, reward, scored = (os.path.join(data_dir, n) for n in ("pairs", "reward-model", "pairs-scored"))
+    if os.path.exists(os.path.join(data_dir, "DONE")):
+        data_log = json.load(open(os.path.join(data_dir, "DONE")))
+        print(f"reusing the cached preference data and reward model {data_dir}")
+    else:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        data_log = build_dataset(args, cfg, pairs, tqdm)
+        train_reward_model(args, cfg, reward, tqdm)
+        print("scoring the pairs with score_pairs.py")
+        run([sys.executable, os.path.join(ROOT, "score_pairs.py"), "--dataset_name", pairs,
+             "--reward_model_name_or_path", reward, "--output_dir", scored, "--batch_size", "64", "--device", "cpu"],
+            args, os.path.join(data_dir, "score_pairs.log"))
+        from datasets import load_from_disk
+
+        ds = load_from_disk(scored)
+        s0, s1 = np.array(ds["reward_score_0"]), np.array(ds["reward_score_1"])
+        w0, w1 = np.array(ds["true_preference_0"]), np.array(ds["true_preference_1"])
+        p0 = 1 / (1 + np.exp(-(s0 - s1) / 0.16658))
+        data_log.update(reward_corr_with_truth=float(np.corrcoef(np.r_[s0, s1], np.r_[w0, w1])[0, 1]),
+                        reward_agrees_with_truth=float(((s0 > s1) == (w0 > w1)).mean()),
+                        mean_smoothed_weight=float((10 * np.abs(2 * p0 - 1)).mean()))
+        json.dump(data_log, open(os.path.join(data_dir, "DONE"), "w"), indent=1)
+    print("data: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in data_log.items()))
+    timings["data_s"] = time.time() - t0
+
+    # 4. the three training runs, same settings
+    runs_dir = os.path.join(work, "runs")
+    common = ["--pretrained_model_name_or_path", base_dir, "--dataset_name", scored, "--resolution", str(RESOLUTION),
+              "--train_batch_size", str(cfg["batch_size"]), "--max_train_steps", str(cfg["steps"]),
+              "--learning_rate", str(args.learning_rate), "--lr_scheduler", "constant", "--beta_dpo", str(args.beta_dpo),
+              "--rank", str(args.rank), "--num_inversion_steps", str(args.num_inversion_steps),
+              "--checkpointing_steps", str(cfg["checkpoint_every"]), "--seed", str(args.seed)]
+    t0 = time.time()
+    for name in tqdm(args.methods, desc="training runs", unit="run"):
+        out = os.path.join(runs_dir, name)
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        t1 = time.time()
+        run(accelerate_cmd() + common + METHODS[name]["flags"] + ["--output_dir", out], args,
+            os.path.join(runs_dir, f"{name}.log"))
+        timings[f"train_{name}_s"] = time.time() - t1
+        tqdm.write(f"  {METHODS[name]['label']}: {cfg['steps']} steps in {timings[f'train_{name}_s']:.0f} s")
+    timings["train_s"] = time.time() - t0
+
+    # 5. evaluation on fixed seeds
+    t0 = time.time()
+    pipe = load_pipeline(base_dir)
+    eval_seed = 10_000 + args.seed
+    jobs = [(name, step, path) for name in args.methods for step, path in checkpoint_dirs(os.path.join(runs_dir, name)).items()]
+    bar = tqdm(total=1 + len(jobs), desc="evaluating", unit="model")
+    base_images = sample(pipe, cfg, eval_seed)
+    base = summarize(base_images, base_images)
+    bar.update(1)
+    results = {"mode": args.mode, "settings": {**cfg, "learning_rate": args.learning_rate, "beta_dpo": args.beta_dpo,
+                                                "rank": args.rank, "num_inversion_steps": args.num_inversion_steps,
+                                                "rater_temperature": args.rater_temperature,
+                                                "reward_noise": args.reward_noise, "seed": args.seed},
+               "data": data_log, "base_model": base_log, "base": base, "methods": {}}
+    grid_rows, grid_labels = [base_images[:cfg["grid_samples"]]], ["base"]
+    for name in args.methods:
+        results["methods"][name] = {"label": METHODS[name]["label"], "curve": {"0": {**base}}}
+    for name, step, path in jobs:
+        pipe.load_lora_weights(path)
+        images = sample(pipe, cfg, eval_seed)
+        pipe.unload_lora_weights()
+        results["methods"][name]["curve"][str(step)] = summarize(images, base_images)
+        if step == cfg["steps"]:
+            grid_rows.append(images[:cfg["grid_samples"]])
+            grid_labels.append(f"{METHODS[name]['label'][:22]}")
+        bar.update(1)
+    bar.close()
+    timings["eval_s"] = time.time() - t0
+
+    for name, res in results["methods"].items():
+        final = res["curve"][str(max(map(int, res["curve"])))]
+        res["final"] = final
+        res["final_gain_in_se"] = (final["true_preference"] - base["true_preference"]) / math.hypot(
+            final["true_preference_se"], base["true_preference_se"])
+        with open(os.path.join(runs_dir, name, "metrics.jsonl")) as f:
+            metrics = [json.loads(line) for line in f]
+        res["train_metrics_last"] = {k: metrics[-1][k] for k in ("loss", "implicit_acc", "weight") if k in metrics[-1]}
+    if "dpo" in results["methods"]:
+        level = results["methods"]["dpo"]["final"]["true_preference"]
+        results["dpo_final"] = level
+        results["steps_to_dpo_final"] = {k: steps_to_reach(r["curve"], level) for k, r in results["methods"].items()}
+    timings["total_s"] = time.time() - t_start
+    results["timings"] = timings
+    results["machine"] = {"cpus": os.cpu_count(), "torch_threads": args.threads}
+    results["plot_size"] = plot_curves(results, os.path.join(work, "preference_vs_step.png"))
+    results["grid_size"] = sample_grid(grid_rows, grid_labels, os.path.join(work, "samples_grid.png"))
+    with open(os.path.join(work, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print_table(results)
+    print(f"\ntimes: base {timings['base_s']:.0f} s ({'cached' if timings['base_cached'] else 'trained'}), "
+          f"data {timings['data_s']:.0f} s, training {timings['train_s']:.0f} s, evaluation {timings['eval_s']:.0f} s, "
+          f"total {timings['total_s']:.0f} s")
+    print(f"wrote {work}/results.json, preference_vs_step.png, samples_grid.png")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,71 @@
+"""examples/toy_alignment.py end to end at its minimal size: every stage runs and the base model is cached."""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+from conftest import ROOT, run_script
+from PIL import Image
+
+SCRIPT = os.path.join(ROOT, "examples", "toy_alignment.py")
+METHODS = ("dpo", "smpo_smooth", "smpo")
+
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+import toy_alignment  # noqa: E402
+
+
+def test_true_preference_is_measured_from_pixels():
+    rng = np.random.default_rng(0)
+    images, hues = toy_alignment.draw_disks(rng, 64)
+    measured = toy_alignment.measure_hue(images)
+    assert not np.isnan(measured).any()
+    assert np.abs(np.angle(np.exp(2j * np.pi * (measured - hues)))).max() < 0.05  # hue error < 3 degrees
+    pref, has_disk = toy_alignment.true_preference(images)
+    assert has_disk.all() and np.allclose(pref, toy_alignment.hue_warmth(hues), atol=0.05)
+    grey = np.full((2, 32, 32, 3), 0.5, np.float32)
+    pref, has_disk = toy_alignment.true_preference(grey)
+    assert not has_disk.any() and (pref == -1).all()  # no disk: the worst preference
+    assert toy_alignment.hue_diversity(images) > 0.9
+    assert toy_alignment.hue_diversity(np.repeat(images[:1], 8, axis=0)) == 0.0
+
+
+def test_minimal_run_then_rerun_reuses_the_cached_base(tmp_path):
+    work = tmp_path / "toy"
+    first = run_script([sys.executable, SCRIPT, "--minimal", "--work_dir", str(work)], timeout=900)
+    assert "trained the base model" in first.stdout
+
+    results = json.loads((work / "results.json").read_text())
+    cfg = results["settings"]
+    steps = list(range(0, cfg["steps"] + 1, cfg["checkpoint_every"]))
+    assert set(results["methods"]) == set(METHODS)
+    for name in METHODS:
+        curve = results["methods"][name]["curve"]
+        assert sorted(map(int, curve)) == steps, (name, curve.keys())
+        for row in curve.values():
+            for key in ("true_preference", "true_preference_se", "diversity", "drift", "disk_rate"):
+                assert math.isfinite(row[key]), (name, key, row)
+        assert math.isfinite(results["methods"][name]["final_gain_in_se"])
+        assert (work / "runs" / name / "metrics.jsonl").read_text().count("\n") == cfg["steps"]
+    assert results["base"]["drift"] == 0.0
+
+    with Image.open(work / "preference_vs_step.png") as plot:
+        assert plot.size == tuple(results["plot_size"]) == (720, 440)
+    with Image.open(work / "samples_grid.png") as grid:  # base + 3 methods, grid_samples cells of 64 px
+        assert grid.size == (150 + cfg["grid_samples"] * 64, 4 * 64)
+    assert "Diffusion-DPO" in first.stdout and "steps to reach" in first.stdout
+
+    base_dirs = [d for d in os.listdir(work) if d.startswith("base-")]
+    assert len(base_dirs) == 1
+    weights = work / base_dirs[0] / "unet" / "diffusion_pytorch_model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    # the rerun (one method, fewer steps: the base settings are unchanged) must not retrain the base
+    second = run_script([sys.executable, SCRIPT, "--minimal", "--work_dir", str(work), "--methods", "dpo",
+                         "--steps", "2", "--checkpoint_every", "2"], timeout=900)
+    assert "reusing the cached base model" in second.stdout
+    assert "trained the base model" not in second.stdout
+    assert weights.stat().st_mtime_ns == mtime
+    rerun = json.loads((work / "results.json").read_text())
+    assert rerun["timings"]["base_cached"] is True and rerun["timings"]["base_s"] < 5
+    assert sorted(map(int, rerun["methods"]["dpo"]["curve"])) == [0, 2]
