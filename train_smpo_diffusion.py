@@ -26,18 +26,25 @@ class SDConditioning:
     def __init__(self, args, device, dtype):
         base = args.pretrained_model_name_or_path
         self.tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", revision=args.revision)
-        self.text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=args.revision,
-                                                          variant=args.variant)
-        self.text_encoder.requires_grad_(False).to(device, dtype=dtype)
+        self.text_encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=args.revision,
+                                                            variant=args.variant)]
+        self.text_encoders[0].requires_grad_(False).to(device, dtype=dtype)
         self.device = device
+        self.text_cache = None  # set by --cache_text_embeddings
 
     @torch.no_grad()
+    def encode_prompts(self, captions):
+        """The text encoder's last hidden state for each caption."""
+        ids = self.tokenizer(captions, max_length=self.tokenizer.model_max_length, padding="max_length",
+                             truncation=True, return_tensors="pt").input_ids
+        encoder = self.text_encoders[0]
+        return encoder(ids.to(encoder.device))[0]
+
     def __call__(self, batch, num_images_per_caption):
         """UNet kwargs for the batch: each caption once, repeated for the winners then the losers."""
-        ids = self.tokenizer(batch["captions"], max_length=self.tokenizer.model_max_length, padding="max_length",
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
-        hidden = self.text_encoder(ids)[0]
-        return {"encoder_hidden_states": hidden.repeat(num_images_per_caption, 1, 1)}
+        captions = batch["captions"]
+        hidden = self.text_cache(captions) if self.text_cache else self.encode_prompts(captions)
+        return {"encoder_hidden_states": hidden.to(self.device).repeat(num_images_per_caption, 1, 1)}
 
     @staticmethod
     def load_vae(args):

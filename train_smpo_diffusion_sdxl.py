@@ -38,6 +38,7 @@ class SDXLConditioning:
         for encoder in self.text_encoders:
             encoder.requires_grad_(False).to(device, dtype=dtype)
         self.resolution, self.device = args.resolution, device
+        self.text_cache = None  # set by --cache_text_embeddings
 
     @torch.no_grad()
     def encode_prompts(self, captions):
@@ -45,7 +46,7 @@ class SDXLConditioning:
         hidden_states = []
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
             ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                            return_tensors="pt").input_ids.to(self.device)
+                            return_tensors="pt").input_ids.to(encoder.device)
             output = encoder(ids, output_hidden_states=True)
             hidden_states.append(output.hidden_states[-2])
         return torch.cat(hidden_states, dim=-1), output[0]
@@ -57,7 +58,8 @@ class SDXLConditioning:
 
     def __call__(self, batch, num_images_per_caption):
         """UNet kwargs for the winners then the losers (each caption encoded once)."""
-        prompt_embeds, pooled = self.encode_prompts(batch["captions"])
+        captions = batch["captions"]
+        prompt_embeds, pooled = self.text_cache(captions) if self.text_cache else self.encode_prompts(captions)
         n = len(batch["captions"]) * num_images_per_caption
         time_ids = self.time_ids(batch["original_sizes"][:n], batch["crop_top_lefts"][:n])
         return {

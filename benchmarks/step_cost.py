@@ -14,8 +14,8 @@ noise hits all three alike:
     dpo           --loss_type dpo  --noise_source forward   (Diffusion-DPO)
 
 and prints seconds per optimizer step, UNet forward calls per step (counted by a hook), peak
-memory (CUDA max_memory_allocated, or the growth of the process RSS over the pre-step baseline
-on the CPU), each as a ratio to DPO, and the floor ratio implied by the forward count: DPO costs
+memory (CUDA max_memory_allocated, or on the CPU the peak growth of the C heap in use during the
+step, sampled with glibc's mallinfo2), each as a ratio to DPO, and the floor ratio implied by the forward count: DPO costs
 4 UNet units (policy forward + backward ~3, reference forward 1) and each no-grad inversion
 forward adds 1, so floor = (4 + inversion forwards) / 4.
 """
@@ -52,25 +52,34 @@ def parse_args(argv=None):
     p.add_argument("--use_8bit_adam", action="store_true")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--warmup_steps", type=int, default=3)
-    p.add_argument("--steps", type=int, default=20, help="measured steps per configuration")
+    p.add_argument("--steps", type=int, default=None, help="measured steps per configuration (default 20; 15 --quick)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
-class PeakRSS:
-    """Samples this process's resident memory in a thread; peak growth over a baseline, in bytes."""
+class PeakHeap:
+    """Peak growth of the bytes this process has allocated on the C heap (glibc mallinfo2, sampled
+    in a thread), over the baseline at entry: the CPU stand-in for CUDA's max_memory_allocated."""
 
-    def __init__(self, interval=0.001):
-        self.interval, self.peak, self.running = interval, 0, False
+    def __init__(self, interval=0.0005):
+        import ctypes
 
-    @staticmethod
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in
+                        ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                         "fordblks", "keepcost")]
+
+        self._libc = ctypes.CDLL("libc.so.6")
+        self._libc.mallinfo2.restype = MallInfo2
+        self.interval, self.running = interval, False
+
+    def in_use(self):
+        info = self._libc.mallinfo2()
+        return info.uordblks + info.hblkhd  # small blocks in use + mmap-ed large blocks
 
     def __enter__(self):
-        self.base = self.peak = self.rss()
+        self.base = self.peak = self.in_use()
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
@@ -78,12 +87,13 @@ class PeakRSS:
 
     def _sample(self):
         while self.running:
-            self.peak = max(self.peak, self.rss())
+            self.peak = max(self.peak, self.in_use())
             time.sleep(self.interval)
 
     def __exit__(self, *exc):
         self.running = False
         self.thread.join()
+        self.peak = max(self.peak, self.in_use())
         self.growth = self.peak - self.base
 
 
@@ -151,14 +161,14 @@ class Setup:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         self.calls = 0
-        with PeakRSS() as rss:
+        with PeakHeap() as heap:
             sync()
             start = time.perf_counter()
             self.step()
             sync()
             self.times.append(time.perf_counter() - start)
         self.call_counts.append(self.calls)
-        used = torch.cuda.max_memory_allocated() - base if device.startswith("cuda") else rss.growth
+        used = torch.cuda.max_memory_allocated() - base if device.startswith("cuda") else heap.growth
         self.memory = max(self.memory, used)
 
 
@@ -183,12 +193,14 @@ def quick_assets(args):
         f"{work}/tiny-reward", "--output_dir", f"{work}/scored", "--device", "cpu")
     args.pretrained_model_name_or_path = f"{work}/tiny-{'sdxl' if args.sdxl else 'sd'}"
     args.dataset_name = f"{work}/scored"
-    args.device, args.steps, args.warmup_steps = "cpu", max(args.steps, 30), 3
+    args.device, args.warmup_steps = "cpu", 2
+    args.steps = args.steps or 15
 
 
 def main(args):
     if args.quick:
         quick_assets(args)
+    args.steps = args.steps or 20
     if args.pretrained_model_name_or_path is None or args.dataset_name is None:
         raise SystemExit("give --quick, or --pretrained_model_name_or_path and --dataset_name (a scored dataset)")
     if args.sdxl:
@@ -227,7 +239,7 @@ def report(args, setups):
     rows = {s.name: (statistics.median(s.times), sum(s.call_counts) / len(s.call_counts), s.memory) for s in setups}
     dpo_time, dpo_calls, dpo_mem = rows["dpo"]
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-    memory_kind = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS growth"
+    memory_kind = "max_memory_allocated" if args.device.startswith("cuda") else "peak C-heap growth (mallinfo2)"
     print(f"\n{args.pretrained_model_name_or_path} on {device}; {'full' if args.full_finetune else 'LoRA'}, "
           f"batch {args.train_batch_size} pair(s), {args.resolution}px, {args.mixed_precision}, K={args.num_inversion_steps}, "
           f"R={args.num_renoise_steps}; median of {args.steps} interleaved steps after {args.warmup_steps} warm-up")

@@ -79,10 +79,14 @@ def register_checkpoint_hooks(accelerator, full_finetune, pipeline_class):
 
 
 class StepGenerator:
-    """The generator behind timesteps, noise and VAE sampling; saved in checkpoints so resume is exact."""
+    """The generator behind timesteps, noise and VAE sampling; saved in checkpoints so resume is exact.
 
-    def __init__(self, device, seed):
-        self.generator = torch.Generator(device=device)
+    It lives on the CPU: the timesteps are then known on the host without a device sync, and the
+    draws do not depend on the accelerator.
+    """
+
+    def __init__(self, seed):
+        self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
 
     def state_dict(self):

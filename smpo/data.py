@@ -247,6 +247,7 @@ class PreferenceCollator:
     The batch holds ``pixel_values`` (2B, 3, R, R): the B winners, then the B losers;
     ``original_sizes`` and ``crop_top_lefts`` (2B, 2) in the same order; ``captions`` (B);
     ``weight`` (B,): the smoothed preference weight (smpo) or 1 (dpo, sft); ``rows`` (B,).
+    With a ``latent_cache``, ``latent_mean`` and ``latent_std`` (2B, C, h, w) replace ``pixel_values``.
 
     smpo: the reward scores choose the winner and weight (``smpo.labels.preference_weight``).
     dpo / sft: the human label chooses the winner (ties were removed by ``select_pairs``).
@@ -256,11 +257,11 @@ class PreferenceCollator:
     """
 
     def __init__(self, transform, loss_type, caption_column="caption", temperature=DEFAULT_TEMPERATURE,
-                 gamma=DEFAULT_GAMMA,
-                 proportion_empty_prompts=0.0, seed=0):
+                 gamma=DEFAULT_GAMMA, proportion_empty_prompts=0.0, seed=0, latent_cache=None):
         self.transform, self.loss_type, self.caption_column = transform, loss_type, caption_column
         self.temperature, self.gamma = temperature, gamma
         self.proportion_empty_prompts, self.seed = proportion_empty_prompts, seed
+        self.latent_cache = latent_cache  # smpo.cache.LatentCache: cached latents instead of images
         self.epoch = 0
         self.bad_rows = []
 
@@ -272,24 +273,30 @@ class PreferenceCollator:
         image_0_wins = torch.tensor([float(e[LABEL_COLUMN]) == 1.0 for e in examples])
         return image_0_wins, torch.ones(len(examples))
 
+    def load_pair(self, example, rng):
+        """Per image of the pair: (pixels or (latent mean, std)), original size, crop; or raise."""
+        if self.latent_cache is not None:
+            mean, std, sizes, crops = self.latent_cache.pair(example["row"])
+            return [((mean[k], std[k]), tuple(sizes[k].tolist()), tuple(crops[k].tolist())) for k in (0, 1)]
+        return self.transform([open_image(example[c]) for c in IMAGE_COLUMNS], rng)
+
     def __call__(self, examples):
-        decoded, bad_rows = [], []
+        loaded, bad_rows = [], []
         for e in examples:
+            rng = random.Random(f"{self.seed}-{self.epoch}-{e['row']}")
             try:
-                decoded.append((e, [open_image(e[c]) for c in IMAGE_COLUMNS]))
+                loaded.append((e, self.load_pair(e, rng), rng))
             except Exception as err:  # noqa: BLE001 - any decoding failure drops the whole pair
                 bad_rows.append(e["row"])
                 self.bad_rows.append(e["row"])
                 logger.warning("dropping pair at row %d: unreadable image (%s)", e["row"], err)
-        if not decoded:
+        if not loaded:
             return {"bad_rows": bad_rows}
-        examples = [e for e, _ in decoded]
+        examples = [e for e, _, _ in loaded]
         image_0_wins, weight = self.winner_and_weight(examples)
 
         winners, losers, captions = [], [], []
-        for (example, images), zero_wins in zip(decoded, image_0_wins.tolist()):
-            rng = random.Random(f"{self.seed}-{self.epoch}-{example['row']}")
-            pair = self.transform(images, rng)
+        for (example, pair, rng), zero_wins in zip(loaded, image_0_wins.tolist()):
             winners.append(pair[0] if zero_wins else pair[1])
             losers.append(pair[1] if zero_wins else pair[0])
             caption = example[self.caption_column]
@@ -297,8 +304,7 @@ class PreferenceCollator:
                 caption = ""
             captions.append(caption if isinstance(caption, str) else str(caption))
         both = winners + losers
-        return {
-            "pixel_values": torch.stack([p for p, _, _ in both]),
+        batch = {
             "original_sizes": torch.tensor([s for _, s, _ in both]),
             "crop_top_lefts": torch.tensor([c for _, _, c in both]),
             "captions": captions,
@@ -306,6 +312,12 @@ class PreferenceCollator:
             "rows": torch.tensor([e["row"] for e in examples]),
             "bad_rows": bad_rows,
         }
+        if self.latent_cache is not None:
+            batch["latent_mean"] = torch.stack([m for (m, _), _, _ in both])
+            batch["latent_std"] = torch.stack([s for (_, s), _, _ in both])
+        else:
+            batch["pixel_values"] = torch.stack([p for p, _, _ in both])
+        return batch
 
 
 def describe_drops(dropped, total):

@@ -57,7 +57,6 @@ def inversion_grid(timesteps, num_steps):
     return (j * timesteps.view(1, -1) + num_steps // 2) // num_steps
 
 
-@torch.no_grad()
 def renoise_inversion(eps_fn, latents, timesteps, alphas_cumprod, num_inversion_steps, num_renoise_steps=1):
     """Invert clean latents to exactly their timestep t with DDIM inversion + ReNoise.
 
@@ -78,12 +77,19 @@ def renoise_inversion(eps_fn, latents, timesteps, alphas_cumprod, num_inversion_
         alphas_cumprod: the training scheduler's cumulative alphas (T,).
     Returns:
         (noisy_latents, noise) in fp32 with ``add_noise(latents, noise, timesteps) == noisy_latents``.
+        Runs under ``torch.inference_mode()``; no gradients flow.
     """
+    # The step count comes from the timesteps where they are (pass them on the CPU to avoid a sync).
+    num_steps = inversion_num_steps(timesteps, alphas_cumprod.shape[0], num_inversion_steps)
+    with torch.inference_mode():
+        noisy, noise = _invert(eps_fn, latents, timesteps, alphas_cumprod, num_steps, num_renoise_steps)
+    return noisy.clone(), noise.clone()  # ordinary tensors again, usable in the training graph
+
+
+def _invert(eps_fn, latents, timesteps, alphas_cumprod, num_steps, num_renoise_steps):
     x0 = latents.float()
     alphas_cumprod = alphas_cumprod.to(device=x0.device, dtype=torch.float32)
     timesteps = timesteps.to(x0.device).long()
-    num_steps = inversion_num_steps(timesteps, alphas_cumprod.shape[0], num_inversion_steps)
-
     z = x0
     abar_from = torch.ones_like(_abar(alphas_cumprod, timesteps))
     for step_t in inversion_grid(timesteps, num_steps):

@@ -19,7 +19,7 @@ import torch
 
 from .checkpoints import (StepGenerator, StopSignal, checkpoint_step, find_checkpoint, lora_state_dict,
                           register_checkpoint_hooks, remove_partial_checkpoints, save_checkpoint, unwrap)
-from .data import (PairDataset, PairTransform, PreferenceCollator, check_columns, describe_drops,
+from .data import (IMAGE_COLUMNS, PairDataset, PairTransform, PreferenceCollator, check_columns, describe_drops,
                    load_preference_dataset, select_pairs)
 from .labels import DEFAULT_GAMMA, DEFAULT_TEMPERATURE
 from .losses import denoising_error, denoising_target, preference_loss, sft_loss
@@ -64,6 +64,12 @@ def build_parser(description, resolution, num_inversion_steps, beta_dpo):
       help="Fraction of captions replaced by the empty prompt (the authors used 0.2).")
     a("--dataloader_num_workers", type=int, default=0)
     a("--vae_encode_batch_size", type=int, default=8, help="Images per VAE encode call.")
+    a("--cache_latents", action="store_true",
+      help="Encode every training image with the VAE once, before training, and store the posterior (mean, std) "
+           "next to the dataset cache; each step still samples from it. Crops are centered and flips off.")
+    a("--cache_text_embeddings", action="store_true",
+      help="Encode each unique caption (and the empty prompt) once before training, then move the text "
+           "encoders to the CPU.")
     # method
     a("--loss_type", default="smpo", choices=["smpo", "dpo", "sft", *LOSS_TYPE_ALIASES],
       help="smpo: reward-smoothed weights; dpo: human binary labels (Diffusion-DPO; 'sigmoid' is an alias); "
@@ -75,6 +81,8 @@ def build_parser(description, resolution, num_inversion_steps, beta_dpo):
       help="renoise: ReNoise inversion of each image to t (SmPO); forward: random forward noise (Diffusion-DPO).")
     a("--num_inversion_steps", type=int, default=num_inversion_steps)
     a("--num_renoise_steps", type=int, default=1)
+    a("--inversion_model", default="policy", choices=["policy", "reference"],
+      help="Which UNet inverts the images: the policy being trained (the paper), or the frozen reference.")
     a("--preference_temperature", type=float, default=DEFAULT_TEMPERATURE)
     a("--smoothing_gamma", type=float, default=DEFAULT_GAMMA)
     # optimisation
@@ -139,6 +147,10 @@ def finish_args(args):
         raise SystemExit("--max_nonfinite_steps, --checkpointing_steps and --validation_steps must be at least 1")
     if args.run_validation and not args.validation_prompts:
         args.validation_prompts = DEFAULT_VALIDATION_PROMPTS
+    if args.cache_latents and args.random_crop:
+        raise SystemExit("--cache_latents stores one center crop per image: drop --random_crop, or the cache")
+    if args.cache_latents:
+        args.no_hflip = True  # one cached latent per image: no random flips
     if args.optimizer == "adafactor" and args.use_8bit_adam:
         raise SystemExit("--use_8bit_adam goes with --optimizer adamw, not adafactor")
     if args.report_to == "wandb" and args.hub_token is not None:
@@ -161,25 +173,31 @@ def smpo_loss(args, batch, unet, reference, vae, conditioning, alphas_cumprod, p
     is the frozen reference UNet's prediction. Returns (loss, metrics).
     """
     sft = args.loss_type == "sft"
-    pixels = batch["pixel_values"]
-    num_pairs = pixels.shape[0] // 2
-    if sft:  # supervised fine-tuning sees the winners only
-        pixels = pixels[:num_pairs]
+    pixels = batch.get("pixel_values")
+    num_pairs = len(batch["captions"])
+    keep = num_pairs if sft else 2 * num_pairs  # supervised fine-tuning sees the winners only
     # 1. encode: latents of all images, conditioning for each (a pair shares its caption)
-    latents = encode_images(vae, pixels, args.vae_encode_batch_size, generator)
+    if "latent_mean" in batch:  # --cache_latents: sample the cached posterior
+        latents = sample_latents(batch["latent_mean"][:keep], batch["latent_std"][:keep], vae, generator)
+    else:
+        latents = encode_images(vae, pixels[:keep], args.vae_encode_batch_size, generator)
     cond = conditioning(batch, num_images_per_caption=1 if sft else 2)
-    # 2. one timestep per pair, shared by winner and loser
-    t = torch.randint(0, len(alphas_cumprod), (num_pairs,), generator=generator, device=generator.device)
+    # 2. one timestep per pair, shared by winner and loser (drawn on the CPU: no device sync later)
+    t_cpu = torch.randint(0, len(alphas_cumprod), (num_pairs,), generator=generator, device=generator.device)
     if getattr(args, "is_turbo", False):  # SDXL-Turbo's four timesteps
-        t = 250 * (t % 4) + 249
-    t = t.to(latents.device).repeat(1 if sft else 2)
+        t_cpu = 250 * (t_cpu % 4) + 249
+    t_cpu = t_cpu.repeat(1 if sft else 2)
+    t = t_cpu.to(latents.device, non_blocking=True)
     # 3. noise: the model's own trajectory (ReNoise inversion) or random forward noise
     if args.noise_source == "renoise":
+        inverter = reference if args.inversion_model == "reference" else (
+            lambda z, step_t, c: unet(z, step_t, **c).sample)  # no_grad: no DDP sync is set up
+
         def eps_fn(z, step_t):
-            pred = unet(z.to(latents.dtype), step_t, **cond).sample  # no_grad: no DDP sync is set up
+            pred = inverter(z.to(latents.dtype), step_t, cond)
             return epsilon_from_prediction(pred, z, step_t, alphas_cumprod, prediction_type)
 
-        noisy, noise = renoise_inversion(eps_fn, latents, t, alphas_cumprod,
+        noisy, noise = renoise_inversion(eps_fn, latents, t_cpu, alphas_cumprod,
                                          args.num_inversion_steps, args.num_renoise_steps)
     else:
         noise = torch.randn(latents[:num_pairs].shape, generator=generator, device=generator.device)
@@ -211,13 +229,15 @@ def encode_images(vae, pixels, batch_size, generator):
     """VAE latents (sampled from the posterior with ``generator``), scaled, in chunks."""
     pixels = pixels.to(device=vae.device, dtype=vae.dtype)
     with torch.no_grad():
-        latents = []
-        for chunk in pixels.split(batch_size):
-            dist = vae.encode(chunk).latent_dist
-            sample = torch.randn(dist.mean.shape, generator=generator, device=generator.device)
-            latents.append(dist.mean + dist.std * sample.to(dist.mean.device, dist.mean.dtype))
-        latents = torch.cat(latents) * vae.config.scaling_factor
-    return latents
+        dists = [vae.encode(chunk).latent_dist for chunk in pixels.split(batch_size)]
+        return sample_latents(torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists]), vae, generator)
+
+
+def sample_latents(mean, std, vae, generator):
+    """mean + std * noise, scaled by the VAE's scaling factor (noise drawn with ``generator``)."""
+    mean, std = mean.to(vae.device, vae.dtype), std.to(vae.device, vae.dtype)
+    noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device, mean.dtype)
+    return (mean + std * noise) * vae.config.scaling_factor
 
 
 def make_reference(unet, ref_unet):
@@ -290,19 +310,63 @@ def make_optimizer(args, params):
                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
-def make_dataloader(args, seed):
+def make_dataloader(args, seed, accelerator, vae):
+    """The training pairs, their collator, and what was left out (by reason, with rows)."""
     dataset = load_preference_dataset(args.dataset_name, args.dataset_split_name, args.cache_dir)
     check_columns(dataset.column_names, args.caption_column, args.loss_type)
     rows, dropped = select_pairs(dataset, args.loss_type, args.max_train_samples, seed)
+    transform = PairTransform(args.resolution, args.random_crop, hflip=not args.no_hflip)
+    latent_cache = None
+    if args.cache_latents:
+        latent_cache = load_latent_cache(args, accelerator, dataset, rows, transform, vae)
+        dropped["unreadable image"] = latent_cache.bad_rows
+        bad = set(latent_cache.bad_rows)
+        rows = [r for r in rows if r not in bad]
+        dataset = dataset.remove_columns(list(IMAGE_COLUMNS))  # the images are not read again
     logger.info(describe_drops(dropped, len(rows)))
-    collator = PreferenceCollator(
-        PairTransform(args.resolution, args.random_crop, hflip=not args.no_hflip), args.loss_type,
-        args.caption_column, args.preference_temperature, args.smoothing_gamma,
-        args.proportion_empty_prompts, seed=seed)
+    collator = PreferenceCollator(transform, args.loss_type, args.caption_column, args.preference_temperature,
+                                  args.smoothing_gamma, args.proportion_empty_prompts, seed=seed,
+                                  latent_cache=latent_cache)
     loader = torch.utils.data.DataLoader(PairDataset(dataset, rows), batch_size=args.train_batch_size,
                                          shuffle=True, collate_fn=collator,
                                          num_workers=args.dataloader_num_workers)
-    return loader, collator, dropped
+    return loader, collator, dropped, dataset, rows
+
+
+def load_latent_cache(args, accelerator, dataset, rows, transform, vae):
+    """Build the latent cache once (main process first), then read it on every process."""
+    from .cache import LatentCache, build_latent_cache, cache_folder, cache_key
+
+    vae_name = getattr(args, "pretrained_vae_model_name_or_path", None) or args.pretrained_model_name_or_path
+    key = cache_key(getattr(dataset, "_fingerprint", args.dataset_name), rows, vae_name, args.revision,
+                    args.resolution, vae.dtype, "latents-v1")
+    path = os.path.join(cache_folder(dataset, args.output_dir), f"latents-{key}.safetensors")
+    with accelerator.main_process_first():
+        if not os.path.exists(path):
+            if accelerator.is_main_process:
+                build_latent_cache(path, PairDataset(dataset, rows), transform, vae, args.vae_encode_batch_size)
+        else:
+            logger.info(f"using cached latents {path}")
+    return LatentCache(path)
+
+
+def cache_text_embeddings(args, accelerator, conditioning, dataset, rows):
+    """Encode each unique caption once, give the conditioning the cache, move the encoders off the GPU."""
+    from .cache import TextCache, build_text_cache, cache_folder, cache_key
+
+    captions = set(dataset.select(rows)[args.caption_column])
+    if args.proportion_empty_prompts > 0:
+        captions.add("")
+    key = cache_key(getattr(dataset, "_fingerprint", args.dataset_name), sorted(captions),
+                    args.pretrained_model_name_or_path, args.revision, type(conditioning).__name__,
+                    conditioning.text_encoders[0].dtype, "text-v1")
+    path = os.path.join(cache_folder(dataset, args.output_dir), f"text-{key}.pt")
+    with accelerator.main_process_first():
+        if not os.path.exists(path) and accelerator.is_main_process:
+            build_text_cache(path, captions, conditioning.encode_prompts)
+    conditioning.text_cache = TextCache(path, accelerator.device)
+    for encoder in conditioning.text_encoders:
+        encoder.to("cpu")
 
 
 # ------------------------------------------------------------------------------- training
@@ -357,7 +421,9 @@ def train(args, conditioning_class):
         unet.enable_gradient_checkpointing()
     register_checkpoint_hooks(accelerator, args.full_finetune, pipeline_class)
 
-    train_dataloader, collator, dropped = make_dataloader(args, seed)
+    train_dataloader, collator, dropped, dataset, rows = make_dataloader(args, seed, accelerator, vae)
+    if args.cache_text_embeddings:
+        cache_text_embeddings(args, accelerator, conditioning, dataset, rows)
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
@@ -371,7 +437,7 @@ def train(args, conditioning_class):
         num_training_steps=args.max_train_steps * accelerator.num_processes,
         num_cycles=args.lr_num_cycles, power=args.lr_power)
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)
-    step_generator = StepGenerator(accelerator.device, seed + accelerator.process_index)
+    step_generator = StepGenerator(seed + accelerator.process_index)
     accelerator.register_for_checkpointing(step_generator)
     reference = make_reference(unet, ref_unet)
 
@@ -398,7 +464,8 @@ def train(args, conditioning_class):
                     disable=not accelerator.is_local_main_process)
     metrics_log = MetricsLog(args.output_dir, accelerator, resume_step=global_step if checkpoint else None)
     stop = StopSignal()
-    pending, rows, skip_update, stopped_by = {}, [], False, None
+    pending, rows, stopped_by = {}, [], None
+    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
     unet.train()
     for epoch in range(first_epoch, args.num_train_epochs):
         collator.epoch = epoch
@@ -408,17 +475,16 @@ def train(args, conditioning_class):
             loader = accelerator.skip_first_batches(train_dataloader, resume_batches)
         for batch in loader:
             health.add_bad_rows(batch["bad_rows"])
-            if "pixel_values" not in batch:  # every pair of this batch was unreadable
+            if "captions" not in batch:  # every pair of this batch was unreadable
                 continue
             with accelerator.accumulate(unet):
                 loss, metrics = smpo_loss(args, batch, unet, reference, vae, conditioning, alphas_cumprod,
                                           prediction_type, step_generator.generator)
                 loss = _nonfinite_if_asked(loss, global_step + 1)
-                if all_finite(accelerator, loss):
-                    accelerator.backward(loss)
-                else:  # skip the whole update: no step with part of the gradient
-                    skip_update = True
+                nonfinite = nonfinite | ~torch.isfinite(loss.detach())  # checked once per update, below
+                accelerator.backward(loss)
                 if accelerator.sync_gradients:
+                    skip_update = not all_finite(accelerator, nonfinite)  # then no process steps
                     if not skip_update:
                         accelerator.clip_grad_norm_(params, args.max_grad_norm)
                         optimizer.step()
@@ -430,12 +496,13 @@ def train(args, conditioning_class):
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            logs = {k: accelerator.gather(torch.stack(v).mean().reshape(1)).mean().item() for k, v in pending.items()}
+            logs = gather_means(accelerator, pending)
             logs["lr"] = lr_scheduler.get_last_lr()[0]
             health.after_step(accelerator, global_step, skip_update)
             logs.update(bad_pairs=health.num_bad(accelerator), skipped_update=int(skip_update))
             metrics_log.write(global_step, logs, rows=gather_rows(accelerator, rows))
-            pending, rows, skip_update = {}, [], False
+            pending, rows = {}, []
+            nonfinite = torch.zeros_like(nonfinite)
             progress.update(1)
             progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "implicit_acc", "lr")})
             accelerator.log(logs, step=global_step)
@@ -451,6 +518,11 @@ def train(args, conditioning_class):
         if global_step >= args.max_train_steps or stopped_by:
             break
     stop.restore()
+    if global_step == 0 and not stopped_by:
+        raise SystemExit("no optimizer step was taken: every batch was unreadable (see the rows logged above)")
+    if global_step < args.max_train_steps and not stopped_by:
+        logger.warning(f"finished after {global_step} of {args.max_train_steps} steps: batches without a readable "
+                       "pair were skipped")
 
     accelerator.wait_for_everyone()
     summary = health.summary(accelerator, global_step, dropped, replicas_identical(accelerator, params))
@@ -528,12 +600,19 @@ def shared_seed(seed):
     return broadcast_object_list([int(torch.randint(0, 2**31 - 1, ()).item())])[0]
 
 
-def all_finite(accelerator, loss):
-    """Whether the loss is finite on every process (all skip together, so DDP stays in step)."""
-    flag = torch.isfinite(loss.detach()).float().reshape(1)
+def all_finite(accelerator, nonfinite):
+    """False when any process saw a non-finite loss in this update (all skip together)."""
+    flag = nonfinite.float().reshape(1)
     if accelerator.num_processes > 1:
         flag = accelerator.gather(flag)
-    return bool(flag.min() > 0)
+    return not bool(flag.max() > 0)
+
+
+def gather_means(accelerator, pending):
+    """Each metric averaged over the update's micro-batches and the processes: one gather, one sync."""
+    names = sorted(pending)
+    local = torch.stack([torch.stack(pending[k]).mean() for k in names]).reshape(1, -1)
+    return dict(zip(names, accelerator.gather(local).mean(0).tolist()))
 
 
 def _nonfinite_if_asked(loss, step):
