@@ -52,3 +52,19 @@ def test_readme_evaluate_command_runs(quickstart_dir):
     run_script(["bash", "-c", command], cwd=quickstart_dir)
     results = json.loads((quickstart_dir / "smpo-quickstart" / "eval" / "results.json").read_text())
     assert results["num_prompts"] == 8 and 0 <= results["reward_models"][next(iter(results["reward_models"]))]["win_rate"] <= 1
+
+
+def test_inference_script_loads_the_sdxl_lora(quickstart_dir):
+    """examples/inference_lora.py with the LoRA of the README's SDXL command (run above when absent)."""
+    lora = quickstart_dir / "smpo-quickstart" / "sdxl-lora"
+    if not (lora / "pytorch_lora_weights.safetensors").exists():
+        test_readme_sdxl_quickstart_command_runs(quickstart_dir)
+    out = quickstart_dir / "sdxl.png"
+    run_script([sys.executable, os.path.join(ROOT, "examples", "inference_lora.py"), "--pretrained_model_name_or_path",
+                str(quickstart_dir / "smpo-quickstart" / "assets" / "tiny-sdxl"), "--lora_weights", str(lora),
+                "--prompt", "a cat", "--resolution", "32", "--num_inference_steps", "3", "--device", "cpu",
+                "--output", str(out)])
+    from PIL import Image
+
+    with Image.open(out) as tuned, Image.open(quickstart_dir / "sdxl-base.png") as base:
+        assert tuned.size == base.size == (32, 32)
