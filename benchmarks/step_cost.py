@@ -21,7 +21,6 @@ forward adds 1, so floor = (4 + inversion forwards) / 4.
 """
 
 import argparse
-import copy
 import os
 import subprocess
 import sys
@@ -105,26 +104,14 @@ class Setup:
 
         loss_type, noise_source = CONFIGS[name]
         self.args = script.parse_args(self.flags(args, loss_type, noise_source))
-        unet = training.load_unet(self.args)
-        if self.args.full_finetune:
-            unet.to(args.device)
-            self.reference_unet = copy.deepcopy(unet).requires_grad_(False).to(dtype=self.weight_dtype(args))
-        else:
-            unet.requires_grad_(False).to(args.device, dtype=self.weight_dtype(args))
-            training.add_lora(unet, self.args.rank)
-            from diffusers.training_utils import cast_training_params
-
-            cast_training_params(unet, torch.float32)
-            self.reference_unet = None
-        if args.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+        unet, self.reference_unet = training.setup_unets(self.args, args.device, self.weight_dtype(args))
         self.unet, self.name, self.batch = unet, name, batch
         self.params = [p for p in unet.parameters() if p.requires_grad]
         self.optimizer = training.make_optimizer(self.args, self.params)
         self.reference = training.make_reference(unet, self.reference_unet)
         self.conditioning, self.vae = conditioning, vae
         self.alphas_cumprod, self.prediction_type = alphas_cumprod, prediction_type
-        self.generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        self.generator = torch.Generator().manual_seed(args.seed)  # on the host, as in training
         self.calls = 0
         unet.register_forward_pre_hook(lambda *_: setattr(self, "calls", self.calls + 1))
         self.autocast = torch.autocast(args.device.split(":")[0], dtype=self.weight_dtype(args),
@@ -142,8 +129,9 @@ class Setup:
                  "--loss_type", loss_type, "--noise_source", noise_source,
                  "--num_inversion_steps", str(args.num_inversion_steps),
                  "--num_renoise_steps", str(args.num_renoise_steps), "--train_batch_size", str(args.train_batch_size)]
-        return flags + [f for f, on in (("--full_finetune", args.full_finetune), ("--use_8bit_adam", args.use_8bit_adam))
-                        if on]
+        switches = {"--full_finetune": args.full_finetune, "--use_8bit_adam": args.use_8bit_adam,
+                    "--gradient_checkpointing": args.gradient_checkpointing}
+        return flags + [flag for flag, on in switches.items() if on]
 
     def step(self):
         from smpo import training

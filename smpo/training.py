@@ -12,8 +12,6 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 
 import torch
 
@@ -37,7 +35,6 @@ def build_parser(description, resolution, num_inversion_steps, beta_dpo):
     """All flags of both scripts; names and meanings follow the diffusers DPO examples."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    g = "model"
     a("--pretrained_model_name_or_path", required=True, help="Base pipeline: hub id or local folder.")
     a("--revision", default=None)
     a("--variant", default=None, help="Weight variant of the base model files, e.g. fp16.")
@@ -294,6 +291,30 @@ def add_lora(unet, rank):
                                 target_modules=LORA_TARGET_MODULES))
 
 
+def setup_unets(args, device, weight_dtype):
+    """The policy UNet and, for full fine-tuning, its frozen reference copy (None for LoRA).
+
+    LoRA: the UNet is frozen in the weight dtype and its adapters train in fp32 (under fp16 and
+    bf16 alike). Full: the UNet trains in fp32, the reference is a copy in the weight dtype.
+    """
+    from diffusers.training_utils import cast_training_params
+
+    unet = load_unet(args)
+    ref_unet = None
+    if args.full_finetune:
+        ref_unet = copy.deepcopy(unet).requires_grad_(False).to(device, dtype=weight_dtype).eval()
+        unet.requires_grad_(True).to(device)
+    else:
+        unet.requires_grad_(False).to(device, dtype=weight_dtype)
+        add_lora(unet, args.rank)
+        cast_training_params(unet, torch.float32)
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet, ref_unet
+
+
 def make_optimizer(args, params):
     if args.optimizer == "adafactor":
         from transformers.optimization import Adafactor
@@ -375,7 +396,6 @@ def train(args, conditioning_class):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
 
     accelerator = Accelerator(
@@ -398,27 +418,13 @@ def train(args, conditioning_class):
     pipeline_class = conditioning_class.pipeline_class
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    noise_scheduler, alphas_cumprod, prediction_type = load_noise_scheduler(args)
+    _, alphas_cumprod, prediction_type = load_noise_scheduler(args)
     alphas_cumprod = alphas_cumprod.to(accelerator.device)
     conditioning = conditioning_class(args, accelerator.device, weight_dtype)
     vae = conditioning.load_vae(args)
     vae.requires_grad_(False)
     vae.to(accelerator.device, dtype=conditioning.vae_dtype(args, weight_dtype))
-    unet = load_unet(args)
-    ref_unet = None
-    if args.full_finetune:
-        ref_unet = copy.deepcopy(unet).requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
-        unet.requires_grad_(True)
-        unet.to(accelerator.device)
-    else:
-        unet.requires_grad_(False)
-        unet.to(accelerator.device, dtype=weight_dtype)
-        add_lora(unet, args.rank)
-        cast_training_params(unet, torch.float32)  # trainable LoRA weights in fp32 under fp16 *and* bf16
-    if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    unet, ref_unet = setup_unets(args, accelerator.device, weight_dtype)
     register_checkpoint_hooks(accelerator, args.full_finetune, pipeline_class)
 
     train_dataloader, collator, dropped, dataset, rows = make_dataloader(args, seed, accelerator, vae)

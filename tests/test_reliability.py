@@ -1,6 +1,5 @@
 """Bad data, non-finite losses, interrupted saves, stop signals and two-process training (CPU)."""
 
-import io
 import json
 import os
 import signal
@@ -9,11 +8,9 @@ import sys
 import time
 
 import datasets
-import numpy as np
 import pytest
 import torch
 from conftest import ROOT, accelerate_launch, run_script
-from PIL import Image
 from safetensors.torch import load_file
 
 from smpo.data import PairDataset, PairTransform, PreferenceCollator, load_preference_dataset, open_image, select_pairs
