@@ -170,7 +170,8 @@ def select_pairs(dataset, loss_type, max_train_samples=None, seed=None):
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.permutation(rows)[:max_train_samples])
     if len(rows) == 0:
-        raise PreferenceDataError(f"no pairs left to train on out of {num_rows} (dropped: {dropped}).")
+        counts = {why: len(rows) for why, rows in dropped.items()}
+        raise PreferenceDataError(f"no pairs left to train on out of {num_rows} (dropped: {counts}).")
     return rows.tolist(), dropped
 
 
