@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """A CPU-sized preference-alignment experiment that shows whether SmPO moves a model toward what people prefer.
 
-    python examples/toy_alignment.py --quick          # ~10-15 min on 2 CPU cores from scratch, ~5 min cached
-    python examples/toy_alignment.py                  # the full experiment (~45 min)
-    python examples/toy_alignment.py --minimal        # a smoke test of every stage (CI, ~1-2 min)
+    python examples/toy_alignment.py --quick          # 13 min on a shared 2-core CPU from scratch, 3.5 min cached
+    python examples/toy_alignment.py                  # the full experiment (26 min from scratch)
+    python examples/toy_alignment.py --minimal        # a smoke test of every stage (CI, ~1 min)
 
 Offline, everything in fp32 on the CPU, written to --work_dir (default ./toy-alignment):
 
@@ -52,10 +52,13 @@ BASE_VERSION = "toy-base-v1"  # change when the base-model code changes (invalid
 DATA_VERSION = "toy-data-v1"
 
 METHODS = {
-    "dpo": {"label": "Diffusion-DPO", "flags": ["--loss_type", "dpo", "--noise_source", "forward"]},
-    "smpo_smooth": {"label": "SmPO smoothing only", "flags": ["--loss_type", "smpo", "--noise_source", "forward"]},
-    "smpo": {"label": "SmPO (smoothing + ReNoise)", "flags": ["--loss_type", "smpo", "--noise_source", "renoise"]},
+    "dpo": {"label": "Diffusion-DPO", "short": "Diffusion-DPO", "flags": ["--loss_type", "dpo", "--noise_source", "forward"]},
+    "smpo_smooth": {"label": "SmPO smoothing only", "short": "SmPO smoothing", "flags": ["--loss_type", "smpo", "--noise_source", "forward"]},
+    "smpo": {"label": "SmPO (smoothing + ReNoise)", "short": "SmPO smooth+ReNoise", "flags": ["--loss_type", "smpo", "--noise_source", "renoise"]},
+    "smpo_refinv": {"label": "SmPO, reference inverts", "short": "SmPO ref-inv",
+                    "flags": ["--loss_type", "smpo", "--noise_source", "renoise", "--inversion_model", "reference"]},
 }
+DEFAULT_METHODS = ["dpo", "smpo_smooth", "smpo"]
 
 # Sizes of each mode. "base_*" and "world_*" keys make the base cache key; the others are the experiment.
 PRESETS = {
@@ -66,7 +69,7 @@ PRESETS = {
                   base_batch=32, num_pairs=1000, reward_steps=300, steps=60, batch_size=8, checkpoint_every=20,
                   num_eval_samples=96, eval_inference_steps=20, grid_samples=8),
     "full": dict(world_size=4000, vae_channels=(16, 32), vae_steps=400, unet_channels=(32, 64), unet_steps=1500,
-                 base_batch=32, num_pairs=2000, reward_steps=500, steps=200, batch_size=8, checkpoint_every=25,
+                 base_batch=32, num_pairs=2000, reward_steps=500, steps=200, batch_size=8, checkpoint_every=50,
                  num_eval_samples=256, eval_inference_steps=25, grid_samples=8),
 }
 
@@ -80,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="Training steps of each method (default: per mode).")
     p.add_argument("--checkpoint_every", type=int, default=None, help="Evaluate every N steps (default: per mode).")
     p.add_argument("--batch_size", type=int, default=None, help="Pairs per training step (default: per mode).")
-    p.add_argument("--learning_rate", type=float, default=2e-4)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--beta_dpo", type=float, default=500.0, help="KL strength, -0.5 * beta convention.")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank.")
     p.add_argument("--num_inversion_steps", type=int, default=5)
@@ -89,7 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--rater_temperature", type=float, default=0.3,
                    help="Bradley-Terry temperature of the simulated human raters (in warmth units).")
     p.add_argument("--reward_noise", type=float, default=0.15, help="Noise std of the reward model's targets.")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads, also for the training subprocesses (default 1: on a shared 2-core machine a second "
@@ -472,7 +475,7 @@ def plot_curves(results, path, size=(720, 440)):
     y0 = xy(0, base)[1]
     for x in range(left, width - right, 10):
         draw.line([x, y0, x + 5, y0], fill=(120, 120, 120))
-    colours = {"dpo": (31, 119, 180), "smpo_smooth": (44, 160, 44), "smpo": (214, 39, 40)}
+    colours = {"dpo": (31, 119, 180), "smpo_smooth": (44, 160, 44), "smpo": (214, 39, 40), "smpo_refinv": (148, 103, 189)}
     legend = [("base", (120, 120, 120))] + [(METHODS[n]["label"], colours[n]) for n in curves]
     for name, curve in curves.items():
         colour = colours[name]
@@ -637,7 +640,7 @@ def main(args):
         results["methods"][name]["curve"][str(step)] = summarize(images, base_images)
         if step == cfg["steps"]:
             grid_rows.append(images[:cfg["grid_samples"]])
-            grid_labels.append(f"{METHODS[name]['label'][:22]}")
+            grid_labels.append(f"{METHODS[name]['short']} @{step}")
         bar.update(1)
     bar.close()
     timings["eval_s"] = time.time() - t0

@@ -30,7 +30,8 @@ def quickstart_dir(tmp_path_factory):
 
 
 def test_quickstart_script_runs_and_writes_a_lora_and_images(quickstart_dir):
-    assert readme_commands()[0].endswith("bash examples/quickstart.sh")  # the part after the install
+    assert readme_commands()[0].endswith("python examples/toy_alignment.py --quick")  # tests/test_toy_alignment.py
+    assert 'PATH="$PWD/.venv/bin:$PATH" bash examples/quickstart.sh' in readme_commands()
     out = quickstart_dir / "smpo-quickstart"
     for name in ("smpo-lora/pytorch_lora_weights.safetensors", "smpo-lora/README.md", "smpo-lora/metrics.jsonl",
                  "sample.png", "sample-base.png"):
