@@ -9,7 +9,8 @@ The whole method lives in three pure functions:
 - :func:`smpo.losses.preference_loss` is the weighted Diffusion-DPO objective.
 
 :mod:`smpo.data` loads and pairs the images; :mod:`smpo.training` is the loop both training
-scripts share.
+scripts share, with :mod:`smpo.checkpoints` (save, resume, stop) and :mod:`smpo.cache` (latent and
+text-embedding caches).
 """
 
 from .labels import preference_weight
