@@ -25,7 +25,6 @@ from .renoise import epsilon_from_prediction, forward_noise, renoise_inversion
 
 logger = logging.getLogger("smpo")
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Accepted so that a diffusers train_diffusion_dpo*.py command line works unchanged.
 LOSS_TYPE_ALIASES = {"sigmoid": "dpo"}
 
@@ -261,9 +260,9 @@ def load_unet(args):
     if args.unet_init is None:
         return UNet2DConditionModel.from_pretrained(
             args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant)
-    subfolder = None if os.path.exists(os.path.join(args.unet_init, "config.json")) else "unet"
-    if not os.path.isdir(args.unet_init):
-        subfolder = None
+    # a local pipeline folder keeps its UNet in unet/; a UNet folder or hub id has the config at its root
+    pipeline_folder = os.path.isdir(args.unet_init) and not os.path.exists(os.path.join(args.unet_init, "config.json"))
+    subfolder = "unet" if pipeline_folder else None
     return UNet2DConditionModel.from_pretrained(args.unet_init, subfolder=subfolder)
 
 
@@ -504,8 +503,8 @@ def train(args, conditioning_class):
             global_step += 1
             logs = gather_means(accelerator, pending)
             logs["lr"] = lr_scheduler.get_last_lr()[0]
-            health.after_step(accelerator, global_step, skip_update)
-            logs.update(bad_pairs=health.num_bad(accelerator), skipped_update=int(skip_update))
+            logs.update(bad_pairs=health.after_step(accelerator, global_step, skip_update),
+                        skipped_update=int(skip_update))
             metrics_log.write(global_step, logs, rows=gather_rows(accelerator, rows))
             pending, rows = {}, []
             nonfinite = torch.zeros_like(nonfinite)
@@ -563,6 +562,7 @@ class RunHealth:
         return int(accelerator.gather(torch.tensor([len(self.bad_rows)], device=accelerator.device)).sum())
 
     def after_step(self, accelerator, step, skipped):
+        """Count this update; stop the run if too much went wrong. Returns the bad pairs of all processes."""
         if skipped:
             self.skipped_steps.append(step)
             self.nonfinite_in_a_row += 1
@@ -580,6 +580,7 @@ class RunHealth:
                 f"{num_bad} pairs had unreadable images (rows so far on this process: {self.bad_rows[:20]}), more "
                 f"than --max_bad_pair_fraction allows ({self.max_bad:.1f} pairs). Clean the dataset (score_pairs.py "
                 "lists and leaves out bad rows) or raise --max_bad_pair_fraction.")
+        return num_bad
 
     def summary(self, accelerator, steps, dropped, identical):
         from accelerate.utils import gather_object
