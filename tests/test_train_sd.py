@@ -140,3 +140,20 @@ def test_smpo_without_scores_says_to_run_score_pairs(tiny_assets, tmp_path):
     proc = train(tiny_assets, tiny_assets / "tiny-pickapic", tmp_path / "x", check=False)
     assert proc.returncode != 0
     assert "score_pairs.py" in proc.stderr and "reward_score_0" in proc.stderr
+
+
+def test_unet_init_starts_policy_and_reference_from_another_unet(tiny_assets, scored_dataset, tmp_path):
+    """--unet_init takes a UNet folder or a pipeline folder (its unet/); the card says how to load."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_assets / "tiny-sd", subfolder="unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.mul_(1.5)
+    unet.save_pretrained(tmp_path / "sft-unet")
+    train(tiny_assets, scored_dataset, tmp_path / "other", "--unet_init", tmp_path / "sft-unet", steps=1)
+    train(tiny_assets, scored_dataset, tmp_path / "same", "--unet_init", tiny_assets / "tiny-sd", steps=1)
+    other, same = metrics(tmp_path / "other")[0], metrics(tmp_path / "same")[0]
+    assert other["ref_err_w"] != same["ref_err_w"]  # the reference is the other UNet
+    assert other["model_err_w"] == other["ref_err_w"]  # and the policy starts from it too (LoRA B = 0)
+    assert str(tmp_path / "sft-unet") in (tmp_path / "other" / "README.md").read_text()
