@@ -3,6 +3,8 @@
 # 1 pair per GPU x 128 accumulation x 8 GPUs = 1024 pairs per update, 200 updates,
 # lr 1e-8 scaled by the effective batch (--scale_lr: ~1e-5), constant lr with 100 warm-up steps,
 # beta 2000, 5 inversion steps, 20% empty prompts, checkpoints every 50 updates.
+# (5 inversion steps is the authors' code; the paper's ablation preferred 9-10, and on our CPU
+# alignment experiment 5 failed where 10 worked: consider --num_inversion_steps 10.)
 # The authors started from an SFT-tuned UNet: pass yours with --unet_init (optional).
 # First score the pairs (PickScore):
 #   python score_pairs.py --dataset_name PICKAPIC_V2 --output_dir pickapic_v2-scored

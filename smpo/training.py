@@ -75,7 +75,9 @@ def build_parser(description, resolution, num_inversion_steps, beta_dpo):
            "script (the diffusers SD DPO script's beta B equals 2 * B here).")
     a("--noise_source", default="renoise", choices=["renoise", "forward"],
       help="renoise: ReNoise inversion of each image to t (SmPO); forward: random forward noise (Diffusion-DPO).")
-    a("--num_inversion_steps", type=int, default=num_inversion_steps)
+    a("--num_inversion_steps", type=int, default=num_inversion_steps,
+      help="K: inversion steps over [0, 1000) (the inversion to t uses ceil(K (t+1) / 1000)). Too few invert "
+           "coarsely; the paper's ablation chose 9-10 (see the README's alignment experiment).")
     a("--num_renoise_steps", type=int, default=1)
     a("--inversion_model", default="policy", choices=["policy", "reference"],
       help="Which UNet inverts the images: the policy being trained (the paper), or the frozen reference.")

@@ -40,6 +40,9 @@ def test_minimal_run_then_rerun_reuses_the_cached_base(tmp_path):
     cfg = results["settings"]
     steps = list(range(0, cfg["steps"] + 1, cfg["checkpoint_every"]))
     assert set(results["methods"]) == set(METHODS)
+    # K = 5 wrecked the toy model (README): the full SmPO run must train with K = 10
+    assert results["settings"]["num_inversion_steps"] == 10
+    assert "- `--num_inversion_steps`: `10`" in (work / "runs" / "smpo" / "README.md").read_text()
     for name in METHODS:
         curve = results["methods"][name]["curve"]
         assert sorted(map(int, curve)) == steps, (name, curve.keys())
