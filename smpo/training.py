@@ -536,6 +536,7 @@ def train(args, conditioning_class):
     if stopped_by:
         logger.warning(f"stopped by signal {stopped_by} after step {global_step}; checkpoint-{global_step} saved. "
                        "Continue with --resume_from_checkpoint latest.")
+        accelerator.wait_for_everyone()  # see the end of this function
         accelerator.end_training()
         raise SystemExit(128 + stopped_by)
     if accelerator.is_main_process:
@@ -543,6 +544,9 @@ def train(args, conditioning_class):
         save_final_model(args, accelerator, conditioning, unet, dropped)
     if args.run_validation:
         log_validation(args, accelerator, conditioning, unet, weight_dtype, global_step, final=True)
+    # Let every process finish (and gloo's worker threads release the last gathered tensors) before the
+    # process group is torn down: a rank that tore down right after the final gathers hung at exit once.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 

@@ -20,7 +20,12 @@ def run_script(args, cwd=ROOT, timeout=600, check=True, env=None):
     full_env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false",
                 # scripts that call `python` / `accelerate` get this interpreter's environment
                 "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""), **(env or {})}
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    try:
+        proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    except subprocess.TimeoutExpired as e:
+        out, err = (x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+        raise AssertionError(f"command timed out after {timeout} s: {' '.join(map(str, args))}\n"
+                             f"--- stdout ---\n{out[-6000:]}\n--- stderr ---\n{err[-8000:]}") from None
     if check and proc.returncode != 0:
         raise AssertionError(
             f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"

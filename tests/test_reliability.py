@@ -165,10 +165,10 @@ def test_sigterm_saves_a_checkpoint_then_resume_continues(tiny_assets, scored_da
 
 def test_two_processes_with_torchrun_end_with_identical_weights(tiny_assets, scored_dataset, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
            os.path.join(ROOT, "train_smpo_diffusion.py"),
            *map(str, train_args(tiny_assets, scored_dataset, out, "--train_batch_size", 2, steps=3))]
-    run_script(cmd, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    run_script(cmd, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, timeout=300)  # ~1 min normally
     s = summary(out)
     assert s["num_processes"] == 2 and s["replicas_identical"] is True
     for m in metrics(out):  # each step: 2 processes x 2 pairs, all different rows
