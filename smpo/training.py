@@ -80,7 +80,8 @@ def build_parser(description, resolution, num_inversion_steps, beta_dpo):
            "coarsely; the paper's ablation chose 9-10 (see the README's alignment experiment).")
     a("--num_renoise_steps", type=int, default=1)
     a("--inversion_model", default="policy", choices=["policy", "reference"],
-      help="Which UNet inverts the images: the policy being trained (the paper), or the frozen reference.")
+      help="Which UNet inverts the images: the policy being trained (the paper), or the frozen reference "
+           "(cacheable, but it degraded the model in the README's alignment experiment).")
     a("--preference_temperature", type=float, default=DEFAULT_TEMPERATURE)
     a("--smoothing_gamma", type=float, default=DEFAULT_GAMMA)
     # optimisation
