@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import sys
 
 import torch
 
@@ -537,18 +538,33 @@ def train(args, conditioning_class):
     if stopped_by:
         logger.warning(f"stopped by signal {stopped_by} after step {global_step}; checkpoint-{global_step} saved. "
                        "Continue with --resume_from_checkpoint latest.")
-        accelerator.wait_for_everyone()  # see the end of this function
-        accelerator.end_training()
-        raise SystemExit(128 + stopped_by)
+        end_processes(accelerator, exit_code=128 + stopped_by)
     if accelerator.is_main_process:
         write_summary(args.output_dir, summary)
         save_final_model(args, accelerator, conditioning, unet, dropped)
     if args.run_validation:
         log_validation(args, accelerator, conditioning, unet, weight_dtype, global_step, final=True)
-    # Let every process finish (and gloo's worker threads release the last gathered tensors) before the
-    # process group is torn down: a rank that tore down right after the final gathers hung at exit once.
+    end_processes(accelerator)
+
+
+def end_processes(accelerator, exit_code=0):
+    """Every process waits for the others (the main one may still be saving), then the run ends.
+
+    Several CPU processes (gloo) leave with ``os._exit`` once everything is written: torch's gloo
+    process group can deadlock when Python frees it at exit (its destructor joins its worker threads
+    while holding the GIL that one of them needs to free a finished collective's tensor; seen with
+    torchrun on 2 CPU processes in CI).
+    """
     accelerator.wait_for_everyone()
+    gloo = accelerator.num_processes > 1 and torch.distributed.get_backend() == "gloo"
     accelerator.end_training()
+    if gloo:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    if exit_code:
+        raise SystemExit(exit_code)
 
 
 class RunHealth:

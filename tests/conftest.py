@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny offline assets are built once per test session."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -20,12 +21,23 @@ def run_script(args, cwd=ROOT, timeout=600, check=True, env=None):
     full_env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false",
                 # scripts that call `python` / `accelerate` get this interpreter's environment
                 "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""), **(env or {})}
-    try:
-        proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
-    except subprocess.TimeoutExpired as e:
-        out, err = (x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
-        raise AssertionError(f"command timed out after {timeout} s: {' '.join(map(str, args))}\n"
-                             f"--- stdout ---\n{out[-6000:]}\n--- stderr ---\n{err[-8000:]}") from None
+    # Its own process group, so that a timeout stops what it started too (SIGTERM first: torchrun passes
+    # it on to its workers, which run in sessions of their own).
+    with subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                          start_new_session=True) as child:
+        try:
+            out, err = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(child.pid, sig)
+                    out, err = child.communicate(timeout=30)
+                    break
+                except (subprocess.TimeoutExpired, ProcessLookupError):
+                    out, err = "", "(no output: a process it started still holds its pipes)"
+            raise AssertionError(f"command timed out after {timeout} s: {' '.join(map(str, args))}\n"
+                                 f"--- stdout ---\n{out[-6000:]}\n--- stderr ---\n{err[-8000:]}") from None
+    proc = subprocess.CompletedProcess(args, child.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
