@@ -205,7 +205,7 @@ def main(args):
     conditioning = conditioning_class(base_args, args.device, dtype)
     vae = conditioning.load_vae(base_args).requires_grad_(False)
     vae.to(args.device, dtype=conditioning.vae_dtype(base_args, dtype))
-    _, alphas_cumprod, prediction_type = training.load_noise_scheduler(base_args)
+    alphas_cumprod, prediction_type = training.load_noise_scheduler(base_args)
     batch = make_batch(args, script)
     setups = [Setup(name, args, script, conditioning, vae, alphas_cumprod.to(args.device), prediction_type, batch)
               for name in CONFIGS]

@@ -271,7 +271,7 @@ def load_unet(args):
 
 
 def load_noise_scheduler(args):
-    """The training scheduler; its alphas_cumprod in fp32 and its prediction type, checked."""
+    """The training scheduler's alphas_cumprod in fp32 and its prediction type, checked."""
     from diffusers import DDPMScheduler
 
     config = DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision)
@@ -284,7 +284,7 @@ def load_noise_scheduler(args):
     if prediction_type not in ("epsilon", "v_prediction"):
         raise SystemExit(f"prediction_type '{prediction_type}' of {args.pretrained_model_name_or_path} is not "
                          "supported: SmPO training needs an epsilon or v_prediction model.")
-    return scheduler, scheduler.alphas_cumprod.float(), prediction_type
+    return scheduler.alphas_cumprod.float(), prediction_type
 
 
 def add_lora(unet, rank):
@@ -421,7 +421,7 @@ def train(args, conditioning_class):
     pipeline_class = conditioning_class.pipeline_class
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    _, alphas_cumprod, prediction_type = load_noise_scheduler(args)
+    alphas_cumprod, prediction_type = load_noise_scheduler(args)
     alphas_cumprod = alphas_cumprod.to(accelerator.device)
     conditioning = conditioning_class(args, accelerator.device, weight_dtype)
     vae = conditioning.load_vae(args)
@@ -505,10 +505,10 @@ def train(args, conditioning_class):
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            logs = gather_means(accelerator, pending)
+            logs = gather_means(accelerator, pending, totals={"bad_pairs": len(health.bad_rows)})
             logs["lr"] = lr_scheduler.get_last_lr()[0]
-            logs.update(bad_pairs=health.after_step(accelerator, global_step, skip_update),
-                        skipped_update=int(skip_update))
+            logs["skipped_update"] = int(skip_update)
+            health.after_step(global_step, skip_update, num_bad=logs["bad_pairs"])
             metrics_log.write(global_step, logs, rows=gather_rows(accelerator, rows))
             pending, rows = {}, []
             nonfinite = torch.zeros_like(nonfinite)
@@ -581,11 +581,8 @@ class RunHealth:
     def add_bad_rows(self, rows):
         self.bad_rows.extend(rows)
 
-    def num_bad(self, accelerator):
-        return int(accelerator.gather(torch.tensor([len(self.bad_rows)], device=accelerator.device)).sum())
-
-    def after_step(self, accelerator, step, skipped):
-        """Count this update; stop the run if too much went wrong. Returns the bad pairs of all processes."""
+    def after_step(self, step, skipped, num_bad):
+        """Count this update; stop the run if too much went wrong (num_bad: bad pairs of all processes)."""
         if skipped:
             self.skipped_steps.append(step)
             self.nonfinite_in_a_row += 1
@@ -597,13 +594,11 @@ class RunHealth:
                     "--beta_dpo, use bf16 instead of fp16, or resume from an earlier checkpoint.")
         else:
             self.nonfinite_in_a_row = 0
-        num_bad = self.num_bad(accelerator)
         if num_bad > self.max_bad:
             raise SystemExit(
                 f"{num_bad} pairs had unreadable images (rows so far on this process: {self.bad_rows[:20]}), more "
                 f"than --max_bad_pair_fraction allows ({self.max_bad:.1f} pairs). Clean the dataset (score_pairs.py "
                 "lists and leaves out bad rows) or raise --max_bad_pair_fraction.")
-        return num_bad
 
     def summary(self, accelerator, steps, dropped, identical):
         from accelerate.utils import gather_object
@@ -638,11 +633,16 @@ def all_finite(accelerator, nonfinite):
     return not bool(flag.max() > 0)
 
 
-def gather_means(accelerator, pending):
-    """Each metric averaged over the update's micro-batches and the processes: one gather, one sync."""
+def gather_means(accelerator, pending, totals):
+    """Each metric averaged over the update's micro-batches and the processes, and each count in
+    ``totals`` summed over the processes: one gather, one sync."""
     names = sorted(pending)
-    local = torch.stack([torch.stack(pending[k]).mean() for k in names]).reshape(1, -1)
-    return dict(zip(names, accelerator.gather(local).mean(0).tolist()))
+    means = [torch.stack(pending[k]).mean() for k in names]
+    counts = torch.tensor([float(v) for v in totals.values()], device=accelerator.device)
+    gathered = accelerator.gather(torch.cat([torch.stack(means), counts]).reshape(1, -1))
+    logs = dict(zip(names, gathered[:, :len(names)].mean(0).tolist()))
+    logs.update(zip(totals, map(int, gathered[:, len(names):].sum(0).tolist())))
+    return logs
 
 
 def _nonfinite_if_asked(loss, step):

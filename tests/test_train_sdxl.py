@@ -62,7 +62,7 @@ def test_time_ids_passed_to_the_unet_carry_each_images_own_size_and_crop(tiny_as
     seen = []
     unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["added_cond_kwargs"]["time_ids"].clone()),
                                    with_kwargs=True)
-    _, alphas_cumprod, prediction_type = training.load_noise_scheduler(args)
+    alphas_cumprod, prediction_type = training.load_noise_scheduler(args)
     generator = torch.Generator().manual_seed(0)
     reference = training.make_reference(unet, unet)
     loss, _ = training.smpo_loss(args, batch, unet, reference, vae, conditioning, alphas_cumprod,
