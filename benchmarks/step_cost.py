@@ -13,11 +13,12 @@ noise hits all three alike:
     smpo-forward  --loss_type smpo --noise_source forward
     dpo           --loss_type dpo  --noise_source forward   (Diffusion-DPO)
 
-and prints seconds per optimizer step, UNet forward calls per step (counted by a hook), peak
-memory (CUDA max_memory_allocated, or on the CPU the peak growth of the C heap in use during the
-step, sampled with glibc's mallinfo2), each as a ratio to DPO, and the floor ratio implied by the forward count: DPO costs
-4 UNet units (policy forward + backward ~3, reference forward 1) and each no-grad inversion
-forward adds 1, so floor = (4 + inversion forwards) / 4.
+and prints seconds per optimizer step, UNet image-forwards per step (counted by a hook: a call on n
+images counts n), peak memory (CUDA max_memory_allocated, or on the CPU the peak growth of the C heap
+in use during the step, sampled with glibc's mallinfo2), each as a ratio to DPO, and the floor ratio
+implied by the forward count: DPO costs 4 UNet units per image (policy forward + backward ~3,
+reference forward 1) and each no-grad inversion image-forward adds 1, so
+floor = (4 + inversion image-forwards per image) / 4.
 """
 
 import argparse
@@ -45,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--train_batch_size", type=int, default=1)
     p.add_argument("--num_inversion_steps", type=int, default=5)
+    p.add_argument("--inversion_schedule", default="exact", choices=["exact", "grid_above", "grid_below"])
     p.add_argument("--num_renoise_steps", type=int, default=1)
     p.add_argument("--full_finetune", action="store_true")
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
@@ -99,7 +101,7 @@ class PeakHeap:
 class Setup:
     """One configuration: its own LoRA (or full) UNet and optimizer on shared frozen parts."""
 
-    def __init__(self, name, args, script, conditioning, vae, alphas_cumprod, prediction_type, batch):
+    def __init__(self, name, args, script, conditioning, vae, noise_schedule, batch):
         from smpo import training
 
         loss_type, noise_source = CONFIGS[name]
@@ -110,10 +112,10 @@ class Setup:
         self.optimizer = training.make_optimizer(self.args, self.params)
         self.reference = training.make_reference(unet, self.reference_unet)
         self.conditioning, self.vae = conditioning, vae
-        self.alphas_cumprod, self.prediction_type = alphas_cumprod, prediction_type
+        self.alphas_cumprod, self.prediction_type, self.steps_offset = noise_schedule
         self.generator = torch.Generator().manual_seed(args.seed)  # on the host, as in training
         self.calls = 0
-        unet.register_forward_pre_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+        unet.register_forward_pre_hook(lambda _, inputs: setattr(self, "calls", self.calls + inputs[0].shape[0]))
         self.autocast = torch.autocast(args.device.split(":")[0], dtype=self.weight_dtype(args),
                                        enabled=args.mixed_precision != "no")
         self.times, self.call_counts, self.memory = [], [], 0
@@ -128,6 +130,7 @@ class Setup:
                  "--dataset_name", args.dataset_name, "--resolution", str(args.resolution),
                  "--loss_type", loss_type, "--noise_source", noise_source,
                  "--num_inversion_steps", str(args.num_inversion_steps),
+                 "--inversion_schedule", args.inversion_schedule,
                  "--num_renoise_steps", str(args.num_renoise_steps), "--train_batch_size", str(args.train_batch_size)]
         switches = {"--full_finetune": args.full_finetune, "--use_8bit_adam": args.use_8bit_adam,
                     "--gradient_checkpointing": args.gradient_checkpointing}
@@ -138,7 +141,8 @@ class Setup:
 
         with self.autocast:
             loss, _ = training.smpo_loss(self.args, self.batch, self.unet, self.reference, self.vae,
-                                         self.conditioning, self.alphas_cumprod, self.prediction_type, self.generator)
+                                         self.conditioning, self.alphas_cumprod, self.prediction_type, self.generator,
+                                         self.steps_offset)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -205,10 +209,10 @@ def main(args):
     conditioning = conditioning_class(base_args, args.device, dtype)
     vae = conditioning.load_vae(base_args).requires_grad_(False)
     vae.to(args.device, dtype=conditioning.vae_dtype(base_args, dtype))
-    alphas_cumprod, prediction_type = training.load_noise_scheduler(base_args)
+    alphas_cumprod, prediction_type, steps_offset = training.load_noise_scheduler(base_args)
     batch = make_batch(args, script)
-    setups = [Setup(name, args, script, conditioning, vae, alphas_cumprod.to(args.device), prediction_type, batch)
-              for name in CONFIGS]
+    noise_schedule = (alphas_cumprod.to(args.device), prediction_type, steps_offset)
+    setups = [Setup(name, args, script, conditioning, vae, noise_schedule, batch) for name in CONFIGS]
 
     for _ in range(args.warmup_steps):
         for s in setups:
@@ -230,14 +234,16 @@ def report(args, setups):
     memory_kind = "max_memory_allocated" if args.device.startswith("cuda") else "peak C-heap growth (mallinfo2)"
     print(f"\n{args.pretrained_model_name_or_path} on {device}; {'full' if args.full_finetune else 'LoRA'}, "
           f"batch {args.train_batch_size} pair(s), {args.resolution}px, {args.mixed_precision}, K={args.num_inversion_steps}, "
-          f"R={args.num_renoise_steps}; median of {args.steps} interleaved steps after {args.warmup_steps} warm-up")
-    print(f"{'config':<14}{'s/step':>9}{'x DPO':>8}{'UNet calls':>12}{'floor x DPO':>13}{'memory MiB':>12}{'x DPO':>8}")
+          f"R={args.num_renoise_steps}, schedule {args.inversion_schedule}; median of {args.steps} interleaved steps "
+          f"after {args.warmup_steps} warm-up")
+    print(f"{'config':<14}{'s/step':>9}{'x DPO':>8}{'img-fwd':>9}{'floor x DPO':>13}{'memory MiB':>12}{'x DPO':>8}")
+    images = 2 * args.train_batch_size  # winners and losers
     for name, (seconds, calls, memory) in rows.items():
-        inversion_calls = calls - dpo_calls
-        floor = (4 + inversion_calls) / 4
-        print(f"{name:<14}{seconds:>9.4f}{seconds / dpo_time:>8.2f}{calls:>12.2f}{floor:>13.2f}"
+        floor = (4 + (calls - dpo_calls) / images) / 4
+        print(f"{name:<14}{seconds:>9.4f}{seconds / dpo_time:>8.2f}{calls:>9.1f}{floor:>13.2f}"
               f"{memory / 2**20:>12.1f}{memory / max(dpo_mem, 1):>8.2f}")
-    print(f"(memory: {memory_kind} during one step; floor: (4 + no-grad inversion forwards) / 4 UNet units)")
+    print(f"(memory: {memory_kind} during one step; img-fwd: UNet image-forwards per step; floor: (4 + no-grad "
+          "inversion image-forwards per image) / 4 UNet units)")
 
 
 if __name__ == "__main__":

@@ -140,13 +140,13 @@ def check_columns(column_names, caption_column, loss_type):
         )
 
 
-def select_pairs(dataset, loss_type, max_train_samples=None, seed=None):
+def select_pairs(dataset, loss_type, max_train_samples=None, seed=None, drop_human_ties=False):
     """Row indices to train on, and the rows left out, by reason: ``{reason: [row, ...]}``.
 
     dpo/sft: ties (label_0 = 0.5) carry no binary preference and are dropped.
-    smpo: pairs with a NaN/inf reward score are dropped; ties in the human label do
-    not matter since the reward model decides. ``max_train_samples`` keeps a seeded random
-    subset, like the diffusers scripts.
+    smpo: pairs with a NaN/inf reward score are dropped; ties in the human label do not matter
+    since the reward model decides, unless ``drop_human_ties`` (the authors' data selection) leaves
+    them out too. ``max_train_samples`` keeps a seeded random subset, like the diffusers scripts.
     """
     num_rows = len(dataset)
     keep = np.ones(num_rows, dtype=bool)
@@ -156,7 +156,14 @@ def select_pairs(dataset, loss_type, max_train_samples=None, seed=None):
         bad = ~np.isfinite(scores).all(axis=1)
         dropped["non-finite reward score"] = np.flatnonzero(bad).tolist()
         keep &= ~bad
-    else:
+    if loss_type == "smpo" and drop_human_ties:
+        if LABEL_COLUMN not in dataset.column_names:
+            raise PreferenceDataError(f"--drop_human_ties needs the human label column '{LABEL_COLUMN}'; the "
+                                      f"dataset has {dataset.column_names}")
+        tie = np.asarray(dataset[LABEL_COLUMN], dtype=np.float64) == 0.5
+        dropped["human tie (label_0 = 0.5, --drop_human_ties)"] = np.flatnonzero(tie & keep).tolist()
+        keep &= ~tie
+    elif loss_type != "smpo":
         labels = np.asarray(dataset[LABEL_COLUMN], dtype=np.float64)
         tie = labels == 0.5
         invalid = ~(tie | (labels == 0) | (labels == 1))

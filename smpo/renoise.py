@@ -1,12 +1,25 @@
 """Where the training noise comes from (method notes, section 4).
 
 Diffusion-DPO noises each clean latent with random Gaussian noise (:func:`forward_noise`).
-SmPO instead inverts each clean latent with DDIM inversion refined by ReNoise up to exactly
-the sampled timestep t (:func:`renoise_inversion`) and derives the noise that lands there, so the
-model is trained on the trajectory it would itself take to generate the image.
+SmPO instead inverts each clean latent with DDIM inversion refined by ReNoise
+(:func:`renoise_inversion`) and derives the noise from the inverted latent, so the model is
+trained on (an estimate of) the trajectory it would itself take to generate the image.
+
+Three inversion schedules (method notes, section 4a):
+
+- ``exact``: ends exactly at the training timestep t, as the paper's text describes.
+- ``grid_above``: the authors' released loop as it ran under the diffusers 0.20.0 they pin (its
+  ``DDIMInverseScheduler`` rolls its grid): it ends at the smallest grid level above t (capped at
+  the grid's top) and the latent is then used as if it were at t. This produced the paper's numbers.
+- ``grid_below``: the same loop under diffusers >= 0.22: it ends at the largest grid level below t.
+
+Each sample is inverted on its own plan; samples that are done leave the batch, so a sample's
+noise never depends on its batch-mates and the cost is the sum of the samples' step counts.
 """
 
 import torch
+
+SCHEDULES = ("exact", "grid_above", "grid_below")
 
 
 def _abar(alphas_cumprod, timesteps):
@@ -26,12 +39,16 @@ def forward_noise(latents, noise, timesteps, alphas_cumprod):
 
 
 def epsilon_from_prediction(prediction, noisy_latents, timesteps, alphas_cumprod, prediction_type):
-    """The epsilon a UNet predicts: its output, or sqrt(abar) * v + sqrt(1 - abar) * z_t for v-prediction."""
+    """The epsilon a UNet predicts: its output, or sqrt(abar) * v + sqrt(1 - abar) * z_t for v-prediction.
+
+    A negative timestep (the first call of the ``grid_above`` inversion) converts at alphas_cumprod[0],
+    the level diffusers' inverse scheduler starts from.
+    """
     if prediction_type == "epsilon":
         return prediction.float()
     if prediction_type != "v_prediction":
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-    abar = _abar(alphas_cumprod.to(prediction.device), timesteps)
+    abar = _abar(alphas_cumprod.to(prediction.device), timesteps.clamp(min=0))
     return abar.sqrt() * prediction.float() + (1.0 - abar).sqrt() * noisy_latents.float()
 
 
@@ -41,66 +58,90 @@ def ddim_up(z, eps, abar_from, abar_to):
     return abar_to.sqrt() * x0_pred + (1.0 - abar_to).sqrt() * eps
 
 
-def inversion_num_steps(timesteps, num_train_timesteps, num_inversion_steps):
-    """Steps used for a batch: ceil(K * (t + 1) / T) for its largest t (at least 1, at most K).
+def inversion_plan(timesteps, num_train_timesteps, num_inversion_steps, schedule="exact", steps_offset=1):
+    """Each sample's inversion steps, computed from its own timestep only.
 
-    A sample with small t gets the same number of (finer) steps as the largest t in its batch,
-    so the whole batch moves through the model together.
+    Returns ``(unet_t, level_from, level_to, counts)``: three (S, N) integer tensors (S = the largest
+    count; entries past a sample's count are padding) and the (N,) step counts. Step j of sample i
+    moves the latent from noise level ``level_from[j, i]`` to ``level_to[j, i]`` and tells the UNet
+    ``unet_t[j, i]``. Level ``num_train_timesteps`` stands for the clean latent (abar = 1); a negative
+    level for diffusers' start level alphas_cumprod[0] (``set_alpha_to_one=False``, as in SD and SDXL).
+
+    - ``exact``: n = min(K, t) steps (one for t = 0) to the levels round((j + 1) * t / n), the UNet
+      told the level it steps to; the first step starts from the clean latent. Every t gets K steps
+      (fewer only where t has fewer levels to step through): a count proportional to t inverts small t too coarsely
+      (docs/inversion.md measures both).
+    - ``grid_above`` (diffusers 0.20): grid g_k = k * T // K + steps_offset rolled by one,
+      [g_0 - T // K, g_0, ..., g_{K-2}]; a step for each grid value g < t, from level g to
+      g + T // K, the UNet told g (so the first call gets a negative timestep).
+    - ``grid_below`` (diffusers >= 0.22): grid g_k unrolled; a step for each g < t, from level
+      g - T // K to g, the UNet told g. No step at all for t <= g_0: the latent stays clean.
     """
-    t_max = int(timesteps.max())
-    return max(1, min(num_inversion_steps, -(-num_inversion_steps * (t_max + 1) // num_train_timesteps)))
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown inversion schedule {schedule!r}; choose one of {SCHEDULES}")
+    t = timesteps.detach().to("cpu", torch.long)
+    k, n_train = num_inversion_steps, num_train_timesteps
+    if schedule == "exact":
+        counts = torch.clamp(t, min=1, max=k)  # at most t steps: each moves at least one level
+        j = torch.arange(1, k + 1).view(-1, 1)
+        level_to = (j * t.view(1, -1) + counts // 2) // counts  # round((j + 1) * t / n), integer arithmetic
+        level_from = torch.cat([torch.full_like(t, n_train).view(1, -1), level_to[:-1]])
+        return level_to, level_from, level_to, counts
+    ratio = n_train // k
+    grid = torch.arange(k) * ratio + steps_offset
+    if schedule == "grid_above":
+        grid = torch.cat([grid[:1] - ratio, grid[:-1]])
+        level_from, level_to = grid, grid + ratio
+    else:
+        level_from, level_to = grid - ratio, grid
+    counts = (grid.view(-1, 1) < t.view(1, -1)).sum(0)  # the grid increases: its first `count` values
+    expand = lambda levels: levels.view(-1, 1).expand(k, len(t))  # noqa: E731
+    return expand(grid), expand(level_from), expand(level_to), counts
 
 
-def inversion_grid(timesteps, num_steps):
-    """(num_steps, N) integer timesteps: row j is round((j + 1) * t / num_steps); the last row is t."""
-    j = torch.arange(1, num_steps + 1, device=timesteps.device).view(-1, 1)
-    return (j * timesteps.view(1, -1) + num_steps // 2) // num_steps
+def renoise_inversion(eps_fn, latents, timesteps, alphas_cumprod, num_inversion_steps, num_renoise_steps=1,
+                      schedule="exact", steps_offset=1):
+    """Invert clean latents towards their timestep t with DDIM inversion + ReNoise.
 
-
-def renoise_inversion(eps_fn, latents, timesteps, alphas_cumprod, num_inversion_steps, num_renoise_steps=1):
-    """Invert clean latents to exactly their timestep t with DDIM inversion + ReNoise.
-
-    Each inversion step s -> s' predicts the noise at the current latent (e0 = eps_fn(z_s, s')),
-    then refines it ``num_renoise_steps`` (R) times by re-predicting at the latent that estimate
-    reaches (e_k = eps_fn(ddim_up(z_s, e_{k-1}), s')) and steps with the mean prediction: of
-    e_0 and e_1 for R = 1 (the authors' choice), of the later estimates e_1..e_R for R > 1 (as
-    ReNoise does), e_0 alone for R = 0 (plain DDIM inversion). The first step starts from the
-    clean latent (abar = 1); the last ends exactly at t.
+    Each inversion step predicts the noise at the current latent (e0 = eps_fn(z, s)), then refines
+    it ``num_renoise_steps`` (R) times by re-predicting at the latent that estimate reaches
+    (e_k = eps_fn(ddim_up(z, e_{k-1}), s)) and steps with the mean prediction: of e_0 and e_1 for
+    R = 1 (the authors' (e0 + e1) / 2), of the later estimates e_1..e_R for R > 1 (as ReNoise does),
+    e_0 alone for R = 0 (plain DDIM inversion). ``schedule`` and ``steps_offset`` set the levels
+    (:func:`inversion_plan`). The noise is then derived as if the inverted latent were at t.
 
     Args:
-        eps_fn: ``eps_fn(z, t) -> epsilon`` for latents z (N, C, H, W) and timesteps t (N,).
-            The caller closes over the (conditional) text embeddings and converts v-prediction
-            output to epsilon. The whole batch goes through it together, at most
-            ``num_inversion_steps * (num_renoise_steps + 1)`` times.
+        eps_fn: ``eps_fn(z, t, index) -> epsilon`` for latents z (n, C, H, W), timesteps t (n,) and
+            ``index`` (n,), the positions in the batch of the samples in z (to select their
+            conditioning). It is called only on the samples that still have steps to take.
         latents: clean latents x0, (N, C, H, W).
-        timesteps: (N,) integer training timesteps, one per sample.
+        timesteps: (N,) integer training timesteps, one per sample (pass them on the CPU: the plan
+            is made there, without a device sync).
         alphas_cumprod: the training scheduler's cumulative alphas (T,).
     Returns:
         (noisy_latents, noise) in fp32 with ``add_noise(latents, noise, timesteps) == noisy_latents``.
         Runs under ``torch.inference_mode()``; no gradients flow.
     """
-    # The step count comes from the timesteps where they are (pass them on the CPU to avoid a sync).
-    num_steps = inversion_num_steps(timesteps, alphas_cumprod.shape[0], num_inversion_steps)
+    unet_t, level_from, level_to, counts = inversion_plan(
+        timesteps, alphas_cumprod.shape[0], num_inversion_steps, schedule, steps_offset)
     with torch.inference_mode():
-        noisy, noise = _invert(eps_fn, latents, timesteps, alphas_cumprod, num_steps, num_renoise_steps)
-    return noisy.clone(), noise.clone()  # ordinary tensors again, usable in the training graph
-
-
-def _invert(eps_fn, latents, timesteps, alphas_cumprod, num_steps, num_renoise_steps):
-    x0 = latents.float()
-    alphas_cumprod = alphas_cumprod.to(device=x0.device, dtype=torch.float32)
-    timesteps = timesteps.to(x0.device).long()
-    z = x0
-    abar_from = torch.ones_like(_abar(alphas_cumprod, timesteps))
-    for step_t in inversion_grid(timesteps, num_steps):
-        abar_to = _abar(alphas_cumprod, step_t)
-        estimates = [eps_fn(z, step_t).float()]
-        for _ in range(num_renoise_steps):
-            estimates.append(eps_fn(ddim_up(z, estimates[-1], abar_from, abar_to), step_t).float())
-        averaged = estimates if num_renoise_steps <= 1 else estimates[1:]
-        z = ddim_up(z, torch.stack(averaged).mean(0), abar_from, abar_to)
-        abar_from = abar_to
-
-    abar_t = _abar(alphas_cumprod, timesteps)
-    noise = (z - abar_t.sqrt() * x0) / (1.0 - abar_t).sqrt()
-    return z, noise
+        x0 = latents.float()
+        alphas_cumprod = alphas_cumprod.to(device=x0.device, dtype=torch.float32)
+        # level T -> the clean latent (abar 1); negative levels -> alphas_cumprod[0]
+        levels = torch.cat([alphas_cumprod, alphas_cumprod.new_ones(1)])
+        z = x0.clone()
+        for j in range(int(counts.max()) if len(counts) else 0):
+            active = torch.nonzero(counts > j).view(-1)
+            index = active.to(x0.device, non_blocking=True)
+            step_t = unet_t[j, active].to(x0.device, non_blocking=True)
+            abar_from = _abar(levels, level_from[j, active].clamp(min=0).to(x0.device, non_blocking=True))
+            abar_to = _abar(levels, level_to[j, active].to(x0.device, non_blocking=True))
+            z_j = z[index]
+            estimates = [eps_fn(z_j, step_t, index).float()]
+            for _ in range(num_renoise_steps):
+                estimates.append(eps_fn(ddim_up(z_j, estimates[-1], abar_from, abar_to), step_t, index).float())
+            averaged = estimates if num_renoise_steps <= 1 else estimates[1:]
+            z[index] = ddim_up(z_j, torch.stack(averaged).mean(0), abar_from, abar_to)
+        abar_t = _abar(alphas_cumprod, timesteps.to(x0.device).long())
+        noise = (z - abar_t.sqrt() * x0) / (1.0 - abar_t).sqrt()
+    return z.clone(), noise.clone()  # ordinary tensors again, usable in the training graph

@@ -22,7 +22,7 @@ from .data import (IMAGE_COLUMNS, PairDataset, PairTransform, PreferenceCollator
                    load_preference_dataset, select_pairs)
 from .labels import DEFAULT_GAMMA, DEFAULT_TEMPERATURE
 from .losses import denoising_error, denoising_target, preference_loss, sft_loss
-from .renoise import epsilon_from_prediction, forward_noise, renoise_inversion
+from .renoise import SCHEDULES, epsilon_from_prediction, forward_noise, renoise_inversion
 
 logger = logging.getLogger("smpo")
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -31,7 +31,7 @@ LOSS_TYPE_ALIASES = {"sigmoid": "dpo"}
 
 
 # ------------------------------------------------------------------------------------ flags
-def build_parser(description, resolution, num_inversion_steps, beta_dpo):
+def build_parser(description, resolution, num_inversion_steps, beta_dpo, inversion_schedule="exact"):
     """All flags of both scripts; names and meanings follow the diffusers DPO examples."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -77,14 +77,21 @@ def build_parser(description, resolution, num_inversion_steps, beta_dpo):
     a("--noise_source", default="renoise", choices=["renoise", "forward"],
       help="renoise: ReNoise inversion of each image to t (SmPO); forward: random forward noise (Diffusion-DPO).")
     a("--num_inversion_steps", type=int, default=num_inversion_steps,
-      help="K: inversion steps over [0, 1000) (the inversion to t uses ceil(K (t+1) / 1000)). Too few invert "
-           "coarsely; the paper's ablation chose 9-10 (see the README's alignment experiment).")
+      help="K: inversion steps (exact: K steps to t; grid_*: the grid of K levels over [0, 1000), stepped up to "
+           "t). The paper's ablation chose 9-10 (docs/inversion.md).")
+    a("--inversion_schedule", default=inversion_schedule, choices=list(SCHEDULES),
+      help="exact: invert to exactly t (the paper's text); grid_above: the authors' released loop under the "
+           "diffusers 0.20 they pin (ends at the grid level above t: what produced the paper's numbers); "
+           "grid_below: the same loop under diffusers >= 0.22 (ends below t). See docs/inversion.md.")
     a("--num_renoise_steps", type=int, default=1)
     a("--inversion_model", default="policy", choices=["policy", "reference"],
       help="Which UNet inverts the images: the policy being trained (the paper), or the frozen reference "
            "(cacheable, but it degraded the model in the README's alignment experiment).")
     a("--preference_temperature", type=float, default=DEFAULT_TEMPERATURE)
     a("--smoothing_gamma", type=float, default=DEFAULT_GAMMA)
+    a("--drop_human_ties", action="store_true",
+      help="Leave out pairs whose human label is a tie (label_0 = 0.5) even when reward scores decide the order "
+           "(the authors' data selection). dpo and sft always leave them out.")
     # optimisation
     a("--train_batch_size", type=int, default=4, help="Pairs per device per micro-batch.")
     a("--gradient_accumulation_steps", type=int, default=1)
@@ -166,11 +173,13 @@ DEFAULT_VALIDATION_PROMPTS = [
 
 
 # ------------------------------------------------------------------------------- the step
-def smpo_loss(args, batch, unet, reference, vae, conditioning, alphas_cumprod, prediction_type, generator):
+def smpo_loss(args, batch, unet, reference, vae, conditioning, alphas_cumprod, prediction_type, generator,
+              steps_offset=1):
     """One SmPO (or DPO / SFT) loss on a batch, following the method notes step by step.
 
     ``batch["pixel_values"]`` holds the B winners then the B losers; ``reference(noisy, t, cond)``
-    is the frozen reference UNet's prediction. Returns (loss, metrics).
+    is the frozen reference UNet's prediction; ``steps_offset`` is the model scheduler's (it places the
+    grid_* inversion levels). Returns (loss, metrics).
     """
     sft = args.loss_type == "sft"
     pixels = batch.get("pixel_values")
@@ -193,12 +202,12 @@ def smpo_loss(args, batch, unet, reference, vae, conditioning, alphas_cumprod, p
         inverter = reference if args.inversion_model == "reference" else (
             lambda z, step_t, c: unet(z, step_t, **c).sample)  # no_grad: no DDP sync is set up
 
-        def eps_fn(z, step_t):
-            pred = inverter(z.to(latents.dtype), step_t, cond)
+        def eps_fn(z, step_t, index):  # only the samples still inverting, with their own conditioning
+            pred = inverter(z.to(latents.dtype), step_t, select_rows(cond, index, len(t_cpu)))
             return epsilon_from_prediction(pred, z, step_t, alphas_cumprod, prediction_type)
 
-        noisy, noise = renoise_inversion(eps_fn, latents, t_cpu, alphas_cumprod,
-                                         args.num_inversion_steps, args.num_renoise_steps)
+        noisy, noise = renoise_inversion(eps_fn, latents, t_cpu, alphas_cumprod, args.num_inversion_steps,
+                                         args.num_renoise_steps, args.inversion_schedule, steps_offset)
     else:
         noise = torch.randn(latents[:num_pairs].shape, generator=generator, device=generator.device)
         noise = noise.to(latents.device).repeat(1 if sft else 2, 1, 1, 1)  # a pair shares its noise
@@ -217,12 +226,25 @@ def smpo_loss(args, batch, unet, reference, vae, conditioning, alphas_cumprod, p
     weight = batch["weight"].to(latents.device)
     loss, implicit_acc = preference_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, weight, args.beta_dpo)
     margin = -0.5 * args.beta_dpo * ((model_err_w - model_err_l) - (ref_err_w - ref_err_l))
+    noise_std_w, noise_std_l = noise.detach().flatten(1).std(dim=1).chunk(2)  # forward noise: ~1
     return loss, {
         "loss": loss.detach(), "implicit_acc": implicit_acc,
         "model_err_w": model_err_w.detach().mean(), "model_err_l": model_err_l.detach().mean(),
         "ref_err_w": ref_err_w.mean(), "ref_err_l": ref_err_l.mean(),
+        "model_minus_ref_w": (model_err_w.detach() - ref_err_w).mean(),  # m_w - r_w: < 0 is what DPO rewards
+        "model_minus_ref_l": (model_err_l.detach() - ref_err_l).mean(),  # m_l - r_l: > 0 is what DPO rewards
+        "noise_std_w": noise_std_w.mean(), "noise_std_l": noise_std_l.mean(),
         "reward_margin": margin.detach().mean(), "weight": weight.mean(),
     }
+
+
+def select_rows(cond, index, num_rows):
+    """The UNet conditioning (a dict of tensors, nested for SDXL) of the batch rows in ``index``."""
+    if len(index) == num_rows:  # every sample is still inverting: nothing to select
+        return cond
+    if isinstance(cond, dict):
+        return {k: select_rows(v, index, num_rows) for k, v in cond.items()}
+    return cond.index_select(0, index) if torch.is_tensor(cond) and cond.shape[0] == num_rows else cond
 
 
 def encode_images(vae, pixels, batch_size, generator):
@@ -271,7 +293,7 @@ def load_unet(args):
 
 
 def load_noise_scheduler(args):
-    """The training scheduler's alphas_cumprod in fp32 and its prediction type, checked."""
+    """The training scheduler's alphas_cumprod in fp32, its prediction type (checked) and steps_offset."""
     from diffusers import DDPMScheduler
 
     config = DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision)
@@ -284,7 +306,7 @@ def load_noise_scheduler(args):
     if prediction_type not in ("epsilon", "v_prediction"):
         raise SystemExit(f"prediction_type '{prediction_type}' of {args.pretrained_model_name_or_path} is not "
                          "supported: SmPO training needs an epsilon or v_prediction model.")
-    return scheduler.alphas_cumprod.float(), prediction_type
+    return scheduler.alphas_cumprod.float(), prediction_type, scheduler.config.steps_offset
 
 
 def add_lora(unet, rank):
@@ -338,7 +360,7 @@ def make_dataloader(args, seed, accelerator, vae):
     """The training pairs, their collator, and what was left out (by reason, with rows)."""
     dataset = load_preference_dataset(args.dataset_name, args.dataset_split_name, args.cache_dir)
     check_columns(dataset.column_names, args.caption_column, args.loss_type)
-    rows, dropped = select_pairs(dataset, args.loss_type, args.max_train_samples, seed)
+    rows, dropped = select_pairs(dataset, args.loss_type, args.max_train_samples, seed, args.drop_human_ties)
     transform = PairTransform(args.resolution, args.random_crop, hflip=not args.no_hflip)
     latent_cache = None
     if args.cache_latents:
@@ -421,7 +443,7 @@ def train(args, conditioning_class):
     pipeline_class = conditioning_class.pipeline_class
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    alphas_cumprod, prediction_type = load_noise_scheduler(args)
+    alphas_cumprod, prediction_type, steps_offset = load_noise_scheduler(args)
     alphas_cumprod = alphas_cumprod.to(accelerator.device)
     conditioning = conditioning_class(args, accelerator.device, weight_dtype)
     vae = conditioning.load_vae(args)
@@ -471,7 +493,8 @@ def train(args, conditioning_class):
                 f"accumulation x {accelerator.num_processes} processes; lr {args.learning_rate}")
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
-    metrics_log = MetricsLog(args.output_dir, accelerator, resume_step=global_step if checkpoint else None)
+    metrics_log = MetricsLog(args.output_dir, accelerator, resume_step=global_step if checkpoint else None,
+                             context=run_context(args, accelerator, prediction_type, steps_offset))
     stop = StopSignal()
     pending, rows, stopped_by = {}, [], None
     nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
@@ -488,7 +511,7 @@ def train(args, conditioning_class):
                 continue
             with accelerator.accumulate(unet):
                 loss, metrics = smpo_loss(args, batch, unet, reference, vae, conditioning, alphas_cumprod,
-                                          prediction_type, step_generator.generator)
+                                          prediction_type, step_generator.generator, steps_offset)
                 loss = _nonfinite_if_asked(loss, global_step + 1)
                 nonfinite = nonfinite | ~torch.isfinite(loss.detach())  # checked once per update, below
                 accelerator.backward(loss)
@@ -677,19 +700,22 @@ def write_summary(output_dir, summary):
 
 
 class MetricsLog:
-    """OUTPUT_DIR/metrics.jsonl: one JSON line per optimizer step with its metrics and the rows trained on.
+    """OUTPUT_DIR/metrics.jsonl: a first line ``{"context": {...}}`` (the method and its settings), then one
+    JSON line per optimizer step with its metrics and the rows trained on.
 
     On resume, lines after the checkpoint's step (from the interrupted run) are dropped.
     """
 
-    def __init__(self, output_dir, accelerator, resume_step=None):
+    def __init__(self, output_dir, accelerator, resume_step=None, context=None):
         self.path = os.path.join(output_dir, "metrics.jsonl") if accelerator.is_main_process else None
-        if not self.path or not os.path.exists(self.path):
+        if not self.path:
             return
         kept = []
-        if resume_step is not None:
+        if resume_step is not None and os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+                kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
+        if not kept:
+            kept = [json.dumps({"context": context}) + "\n"]
         with open(self.path, "w") as f:
             f.writelines(kept)
 
@@ -697,6 +723,15 @@ class MetricsLog:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **logs, "rows": rows}) + "\n")
+
+
+def run_context(args, accelerator, prediction_type, steps_offset):
+    """What a metrics.jsonl reader needs to know about the run: the method, its noise and its scale."""
+    keys = ("loss_type", "noise_source", "num_inversion_steps", "num_renoise_steps", "inversion_schedule",
+            "inversion_model", "beta_dpo", "learning_rate", "train_batch_size", "gradient_accumulation_steps",
+            "drop_human_ties", "full_finetune", "seed")
+    return {**{k: getattr(args, k) for k in keys}, "steps_offset": steps_offset, "prediction_type": prediction_type,
+            "num_processes": accelerator.num_processes}
 
 
 def tracker_config(args):
@@ -726,8 +761,9 @@ def save_final_model(args, accelerator, conditioning, unet, dropped):
 def write_model_card(args, pipeline_class_name, dropped):
     method = {"smpo": "SmPO (reward-smoothed preference weights)", "dpo": "Diffusion-DPO (binary human labels)",
               "sft": "supervised fine-tuning on the preferred images"}[args.loss_type]
-    noise = {"renoise": f"ReNoise inversion ({args.num_inversion_steps} inversion steps, "
-                        f"{args.num_renoise_steps} renoise iterations)", "forward": "random forward noise"}
+    noise = {"renoise": f"ReNoise inversion (schedule `{args.inversion_schedule}`, {args.num_inversion_steps} "
+                        f"inversion steps, {args.num_renoise_steps} renoise iterations, inverted by the "
+                        f"{args.inversion_model})", "forward": "random forward noise"}
     if args.full_finetune:
         how = f'pipe = DiffusionPipeline.from_pretrained("{args.output_dir}", torch_dtype=torch.float16)'
     else:

@@ -36,7 +36,7 @@ def test_quickstart_script_runs_and_writes_a_lora_and_images(quickstart_dir):
     for name in ("smpo-lora/pytorch_lora_weights.safetensors", "smpo-lora/README.md", "smpo-lora/metrics.jsonl",
                  "sample.png", "sample-base.png"):
         assert (out / name).exists(), name
-    assert len((out / "smpo-lora" / "metrics.jsonl").read_text().splitlines()) == 8
+    assert len((out / "smpo-lora" / "metrics.jsonl").read_text().splitlines()) == 1 + 8  # the context, then 8 steps
 
 
 def test_readme_sdxl_quickstart_command_runs(quickstart_dir):

@@ -36,7 +36,7 @@ def summary(output_dir):
 
 
 def metrics(output_dir):
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines()) if "step" in m]
 
 
 def max_diff(dir_a, dir_b, name=LORA):

@@ -50,7 +50,7 @@ def test_minimal_run_then_rerun_reuses_the_cached_base(tmp_path):
             for key in ("true_preference", "true_preference_se", "diversity", "drift", "disk_rate"):
                 assert math.isfinite(row[key]), (name, key, row)
         assert math.isfinite(results["methods"][name]["final_gain_in_se"])
-        assert (work / "runs" / name / "metrics.jsonl").read_text().count("\n") == cfg["steps"]
+        assert (work / "runs" / name / "metrics.jsonl").read_text().count("\n") == 1 + cfg["steps"]
     assert results["base"]["drift"] == 0.0
 
     with Image.open(work / "preference_vs_step.png") as plot:

@@ -37,7 +37,7 @@ def lora_up(weights):
 
 
 def metrics(output_dir):
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines()) if "step" in m]
 
 
 def test_lora_smpo_run_saves_weights_that_load_and_change_images(tiny_assets, scored_dataset, tmp_path):
@@ -56,9 +56,12 @@ def test_lora_smpo_run_saves_weights_that_load_and_change_images(tiny_assets, sc
     logged = metrics(out)
     assert [m["step"] for m in logged] == [1, 2, 3]
     for key in ("loss", "implicit_acc", "model_err_w", "model_err_l", "ref_err_w", "ref_err_l",
-                "reward_margin", "weight", "lr"):
+                "model_minus_ref_w", "model_minus_ref_l", "noise_std_w", "noise_std_l", "reward_margin", "weight", "lr"):
         assert all(np.isfinite(m[key]) for m in logged), key
     assert all(0 < m["weight"] < 10 for m in logged)  # smoothed weights, not hard labels
+    for m in logged:
+        assert m["model_minus_ref_w"] == pytest.approx(m["model_err_w"] - m["ref_err_w"], abs=1e-6)
+        assert 0 < m["noise_std_w"] and 0 < m["noise_std_l"]
     card = (out / "README.md").read_text()
     assert "load_lora_weights" in card and str(tiny_assets / "tiny-sd") in card and "SmPO" in card
 
@@ -134,6 +137,21 @@ def test_dpo_uses_human_labels_and_drops_ties(tiny_assets, tmp_path):
                  "--noise_source", "forward")
     assert "dropped 1 tie" in proc.stderr
     assert all(m["weight"] == 1.0 for m in metrics(tmp_path / "dpo"))
+
+
+def test_authors_inversion_and_data_selection_are_recorded(tiny_assets, scored_dataset, tmp_path):
+    """--inversion_schedule grid_above --drop_human_ties: the tie (row 2) is left out and reported; the
+    schedule, K and the scheduler's steps_offset are in metrics.jsonl's context line and the model card."""
+    out = tmp_path / "authors"
+    train(tiny_assets, scored_dataset, out, "--inversion_schedule", "grid_above", "--num_inversion_steps", 5,
+          "--drop_human_ties", steps=1)
+    context = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["context"]
+    assert context["inversion_schedule"] == "grid_above" and context["num_inversion_steps"] == 5
+    assert context["steps_offset"] == 1 and context["drop_human_ties"] is True
+    dropped = json.loads((out / "train_summary.json").read_text())["dropped_before_training"]
+    assert [rows for why, rows in dropped.items() if "human tie" in why] == [[2]]
+    assert "schedule `grid_above`, 5 inversion steps" in (out / "README.md").read_text()
+    assert np.isfinite(metrics(out)[0]["loss"])
 
 
 def test_smpo_without_scores_says_to_run_score_pairs(tiny_assets, tmp_path):
