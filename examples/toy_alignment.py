@@ -53,13 +53,32 @@ WARM_HUE = 30.0 / 360.0  # orange: the most preferred hue
 BASE_VERSION = "toy-base-v1"  # change when the base-model code changes (invalidates the cache)
 DATA_VERSION = "toy-data-v1"
 
+SMPO_RENOISE = ["--loss_type", "smpo", "--noise_source", "renoise"]
+
+
+def inversion(schedule, k, model="policy"):
+    return SMPO_RENOISE + ["--inversion_schedule", schedule, "--num_inversion_steps", str(k), "--inversion_model", model]
+
+
+# "smpo" and "smpo_refinv" invert with the experiment's --inversion_schedule and --num_inversion_steps;
+# the others fix theirs (the seeded ablation of docs/inversion.md).
 METHODS = {
     "dpo": {"label": "Diffusion-DPO", "short": "Diffusion-DPO", "flags": ["--loss_type", "dpo", "--noise_source", "forward"]},
     "smpo_smooth": {"label": "SmPO smoothing only", "short": "SmPO smoothing", "flags": ["--loss_type", "smpo", "--noise_source", "forward"]},
-    "smpo": {"label": "SmPO (smoothing + ReNoise)", "short": "SmPO smooth+ReNoise", "flags": ["--loss_type", "smpo", "--noise_source", "renoise"]},
+    "smpo": {"label": "SmPO (smoothing + ReNoise)", "short": "SmPO smooth+ReNoise", "flags": SMPO_RENOISE},
     "smpo_refinv": {"label": "SmPO, reference inverts", "short": "SmPO ref-inv",
-                    "flags": ["--loss_type", "smpo", "--noise_source", "renoise", "--inversion_model", "reference"]},
+                    "flags": SMPO_RENOISE + ["--inversion_model", "reference"]},
+    "smpo_exact10": {"label": "SmPO exact K=10", "short": "exact K10", "flags": inversion("exact", 10)},
+    "smpo_above5": {"label": "SmPO grid_above K=5", "short": "above K5", "flags": inversion("grid_above", 5)},
+    "smpo_above10": {"label": "SmPO grid_above K=10", "short": "above K10", "flags": inversion("grid_above", 10)},
+    "smpo_below5": {"label": "SmPO grid_below K=5", "short": "below K5", "flags": inversion("grid_below", 5)},
+    "refinv_exact10": {"label": "SmPO ref-inverts exact K=10", "short": "ref exact K10",
+                       "flags": inversion("exact", 10, "reference")},
+    "refinv_above5": {"label": "SmPO ref-inverts grid_above K=5", "short": "ref above K5",
+                      "flags": inversion("grid_above", 5, "reference")},
 }
+ABLATION = ["dpo", "smpo_smooth", "smpo_exact10", "smpo_above5", "smpo_above10", "smpo_below5", "refinv_exact10",
+            "refinv_above5"]
 DEFAULT_METHODS = ["dpo", "smpo_smooth", "smpo"]
 
 # Sizes of each mode. "base_*" and "world_*" keys make the base cache key; the others are the experiment.
@@ -96,8 +115,16 @@ def parse_args(argv=None):
     p.add_argument("--rater_temperature", type=float, default=0.3,
                    help="Bradley-Terry temperature of the simulated human raters (in warmth units).")
     p.add_argument("--reward_noise", type=float, default=0.15, help="Noise std of the reward model's targets.")
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inversion_schedule", default="exact", choices=["exact", "grid_above", "grid_below"],
+                   help="The inversion schedule of the 'smpo' and 'smpo_refinv' methods (docs/inversion.md).")
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS) + ["ablation"],
+                   help=f"'ablation' stands for {' '.join(ABLATION)}.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the world, the base model, the data and the reward model.")
+    p.add_argument("--train_seeds", type=int, nargs="+", default=None,
+                   help="Training seeds of every method (default: --seed). With several, each method's curve is the "
+                        "mean over seeds and its error bar the standard error over seeds.")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="Training runs and evaluations at once (each with --threads torch threads).")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads, also for the training subprocesses (default 1: on a shared 2-core machine a second "
                         "thread that has to wait for a busy core made every step ~10x slower).")
@@ -109,6 +136,8 @@ def parse_args(argv=None):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     args.cfg = cfg
+    args.methods = [m for name in args.methods for m in (ABLATION if name == "ablation" else [name])]
+    args.train_seeds = args.train_seeds if args.train_seeds is not None else [args.seed]
     return args
 
 
@@ -432,6 +461,132 @@ def checkpoint_dirs(run_dir):
     return dict(sorted(found.items()))
 
 
+def run_dir(runs_dir, name, seed):
+    return os.path.join(runs_dir, name, f"seed-{seed}")
+
+
+def parallel(fn, items, jobs, tqdm, desc, unit="run", init=None):
+    """fn over items, in order; with jobs > 1 in that many worker processes (evaluation) or threads (runs
+    of subprocesses). ``init`` = (initializer, args) runs in each worker (or once here for jobs == 1)."""
+    bar = tqdm(total=len(items), desc=desc, unit=unit)
+    if jobs <= 1:
+        if init:
+            init[0](*init[1])
+        out = []
+        for item in items:
+            out.append(fn(item))
+            bar.update(1)
+    elif init is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(jobs) as pool:
+            futures = [pool.submit(fn, item) for item in items]
+            for future in futures:
+                future.add_done_callback(lambda _: bar.update(1))
+            out = [future.result() for future in futures]
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(jobs, initializer=init[0], initargs=init[1]) as pool:
+            out = []
+            for result in pool.imap(fn, items):
+                out.append(result)
+                bar.update(1)
+    bar.close()
+    return out
+
+
+_EVAL = {}
+
+
+def init_evaluation(base_dir, cfg, eval_seed, base_images, threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    _EVAL.update(pipe=load_pipeline(base_dir), cfg=cfg, eval_seed=eval_seed, base_images=base_images)
+
+
+def evaluate_checkpoint(job):
+    """summarize() of one LoRA checkpoint's samples (in a worker that holds the base pipeline)."""
+    name, seed, step, path = job
+    pipe = _EVAL["pipe"]
+    pipe.load_lora_weights(path)
+    images = sample(pipe, _EVAL["cfg"], _EVAL["eval_seed"])
+    pipe.unload_lora_weights()
+    return summarize(images, _EVAL["base_images"])
+
+
+def seconds_per_step(run_path):
+    """Training seconds per step between the first and the last checkpoint (start-up excluded)."""
+    steps = checkpoint_dirs(run_path)
+    if len(steps) < 2:
+        return None
+    (first, a), (last, b) = min(steps.items()), max(steps.items())
+    return (os.path.getmtime(b) - os.path.getmtime(a)) / (last - first)
+
+
+def aggregate(args, runs_dir, runs, jobs, evaluated, base):
+    """Per method: each seed's curve, and the curve over seeds (mean; SE over seeds when there are several,
+    else the one run's sampling SE), its final point, area under the curve, s/step, training metrics."""
+    per_run = {}
+    for (name, seed, step, _), row in zip(jobs, evaluated):
+        per_run.setdefault((name, seed), {"0": dict(base)})[str(step)] = row
+    methods = {}
+    for name in args.methods:
+        seeds = {seed: per_run[(name, seed)] for n, seed in runs if n == name}
+        curve = {}
+        for step in sorted(next(iter(seeds.values())), key=int):
+            rows = [c[step] for c in seeds.values()]
+            mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+            if len(rows) > 1:
+                values = [r["true_preference"] for r in rows]
+                mean["true_preference_se"] = float(np.std(values, ddof=1) / math.sqrt(len(rows)))
+            curve[step] = mean
+        final = curve[str(max(map(int, curve)))]
+        metrics = []
+        for seed in seeds:
+            with open(os.path.join(run_dir(runs_dir, name, seed), "metrics.jsonl")) as f:
+                metrics.append([m for m in map(json.loads, f) if "step" in m][-1])
+        speeds = [v for v in (seconds_per_step(run_dir(runs_dir, name, seed)) for seed in seeds) if v]
+        methods[name] = {
+            "label": METHODS[name]["label"], "flags": METHODS[name]["flags"], "curve": curve, "final": final,
+            "final_gain_in_se": (final["true_preference"] - base["true_preference"]) / math.hypot(
+                final["true_preference_se"], base["true_preference_se"]),
+            "auc": area_under_curve(curve), "auc_by_seed": {str(s): area_under_curve(c) for s, c in seeds.items()},
+            "final_by_seed": {str(s): c[str(max(map(int, c)))]["true_preference"] for s, c in seeds.items()},
+            "seconds_per_step": float(np.median(speeds)) if speeds else None,
+            "train_metrics_last": {k: float(np.mean([m[k] for m in metrics])) for k in
+                                   ("loss", "implicit_acc", "weight", "model_minus_ref_w", "model_minus_ref_l",
+                                    "noise_std_w", "noise_std_l") if k in metrics[0]},
+        }
+    return methods
+
+
+def area_under_curve(curve):
+    """Mean true preference over the training steps (trapezoids between evaluated steps, the base at 0)."""
+    steps = sorted(map(int, curve))
+    values = [curve[str(s)]["true_preference"] for s in steps]
+    return float(np.trapezoid(values, steps) / steps[-1]) if steps[-1] else values[0]
+
+
+def compare_with_dpo(results):
+    """Steps to reach Diffusion-DPO's final mean preference, and s/step and cost to get there relative to DPO."""
+    if "dpo" not in results["methods"]:
+        return
+    dpo = results["methods"]["dpo"]
+    level = dpo["final"]["true_preference"]
+    results["dpo_final"] = level
+    results["steps_to_dpo_final"] = {k: steps_to_reach(r["curve"], level) for k, r in results["methods"].items()}
+    for name, res in results["methods"].items():
+        speed = res["seconds_per_step"] / dpo["seconds_per_step"] if res["seconds_per_step"] and dpo["seconds_per_step"] else None
+        res["step_cost_vs_dpo"] = speed
+        steps, dpo_steps = results["steps_to_dpo_final"][name], results["steps_to_dpo_final"]["dpo"]
+        res["cost_to_dpo_final_vs_dpo"] = speed * steps / dpo_steps if speed and steps and dpo_steps else None
+
+
 def steps_to_reach(curve, level):
     """First evaluated step whose mean true preference reaches ``level`` (None if never)."""
     for step, row in sorted(curve.items(), key=lambda kv: int(kv[0])):
@@ -442,63 +597,33 @@ def steps_to_reach(curve, level):
 
 # ------------------------------------------------------------------------------- outputs
 def plot_curves(results, path, size=(720, 440)):
-    """True preference vs step for each method (mean +- 1 SE band), the base as a dashed line; drawn with PIL."""
-    from PIL import Image, ImageDraw
+    """True preference vs step for each method (mean +- 1 SE band), the base as a dashed line (matplotlib)."""
+    import matplotlib
 
-    width, height = size
-    left, right, top, bottom = 70, 190, 36, 50
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    curves = {}
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dpi = 100
+    fig, ax = plt.subplots(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
+    ax.axhline(results["base"]["true_preference"], color="grey", linestyle="--", label="base")
     for name, res in results["methods"].items():
-        steps = sorted(int(s) for s in res["curve"])
-        curves[name] = [(s, res["curve"][str(s)]["true_preference"], res["curve"][str(s)]["true_preference_se"])
-                        for s in steps]
-    points = [p for c in curves.values() for p in c]
-    max_step = max([s for s, _, _ in points] + [1])
-    base = results["base"]["true_preference"]
-    lo = min([m - se for _, m, se in points] + [base]) - 0.02
-    hi = max([m + se for _, m, se in points] + [base]) + 0.02
+        steps = sorted(map(int, res["curve"]))
+        mean = np.array([res["curve"][str(s)]["true_preference"] for s in steps])
+        se = np.array([res["curve"][str(s)]["true_preference_se"] for s in steps])
+        line, = ax.plot(steps, mean, marker="o", markersize=3, label=res["label"])
+        ax.fill_between(steps, mean - se, mean + se, color=line.get_color(), alpha=0.15)
+    seeds = results["settings"]["train_seeds"]
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean true preference (warmth)")
+    ax.set_title(f"{results['mode']} mode, {len(seeds)} training seed(s): mean +- 1 SE", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    from PIL import Image
 
-    def xy(step, value):
-        return (left + (width - left - right) * step / max_step,
-                top + (height - top - bottom) * (hi - value) / (hi - lo))
-
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for k in range(5):  # y ticks
-        value = lo + (hi - lo) * k / 4
-        x, y = xy(0, value)
-        draw.line([x - 4, y, x, y], fill="black")
-        draw.text((6, y - 6), f"{value:+.3f}", fill="black")
-    for step in sorted({s for s, _, _ in points}):  # x ticks
-        x, y = xy(step, lo)
-        draw.line([x, y, x, y + 4], fill="black")
-        draw.text((x - 8, y + 8), str(step), fill="black")
-    draw.text((left + (width - left - right) // 2 - 40, height - 20), "training step", fill="black")
-    draw.text((left, 8), f"mean true preference (warmth) of samples, +-1 SE ({results['mode']} mode)", fill="black")
-    y0 = xy(0, base)[1]
-    for x in range(left, width - right, 10):
-        draw.line([x, y0, x + 5, y0], fill=(120, 120, 120))
-    colours = {"dpo": (31, 119, 180), "smpo_smooth": (44, 160, 44), "smpo": (214, 39, 40), "smpo_refinv": (148, 103, 189)}
-    legend = [("base", (120, 120, 120))] + [(METHODS[n]["label"], colours[n]) for n in curves]
-    for name, curve in curves.items():
-        colour = colours[name]
-        band = Image.new("RGBA", size, (0, 0, 0, 0))
-        upper = [xy(s, m + se) for s, m, se in curve]
-        lower = [xy(s, m - se) for s, m, se in reversed(curve)]
-        ImageDraw.Draw(band).polygon(upper + lower, fill=colour + (45,))
-        image.paste(band, (0, 0), band)
-        draw = ImageDraw.Draw(image)
-        line = [xy(s, m) for s, m, _ in curve]
-        draw.line(line, fill=colour, width=2)
-        for x, y in line:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-    for k, (label, colour) in enumerate(legend):
-        y = top + 10 + 18 * k
-        draw.line([width - right + 10, y + 6, width - right + 30, y + 6], fill=colour, width=3)
-        draw.text((width - right + 36, y), label, fill="black")
-    image.save(path)
-    return image.size
+    with Image.open(path) as image:
+        return image.size
 
 
 def sample_grid(rows, labels, path, scale=2):
@@ -520,21 +645,26 @@ def sample_grid(rows, labels, path, scale=2):
 
 def print_table(results):
     base = results["base"]
-    header = f"{'model':<28}{'step':>6}  {'true pref +- se':>16}  {'vs base (se)':>12}  {'diversity':>9}  {'drift':>6}"
+    header = (f"{'model':<32}{'step':>6}  {'true pref +- se':>16}  {'vs base (se)':>12}  {'diversity':>9}  {'drift':>6}")
     print("\n" + header + "\n" + "-" * len(header))
-    print(f"{'base':<28}{0:>6}  {base['true_preference']:>+8.3f} +- {base['true_preference_se']:.3f}  {'':>12}  "
+    print(f"{'base':<32}{0:>6}  {base['true_preference']:>+8.3f} +- {base['true_preference_se']:.3f}  {'':>12}  "
           f"{base['diversity']:>9.3f}  {0.0:>6.3f}")
     for name, res in results["methods"].items():
         for step in sorted(res["curve"], key=int):
             row = res["curve"][step]
             z = (row["true_preference"] - base["true_preference"]) / math.hypot(row["true_preference_se"],
                                                                                 base["true_preference_se"])
-            print(f"{METHODS[name]['label']:<28}{int(step):>6}  {row['true_preference']:>+8.3f} +- "
+            print(f"{res['label']:<32}{int(step):>6}  {row['true_preference']:>+8.3f} +- "
                   f"{row['true_preference_se']:.3f}  {z:>+12.1f}  {row['diversity']:>9.3f}  {row['drift']:>6.3f}")
     if "steps_to_dpo_final" in results:
         print(f"\nsteps to reach Diffusion-DPO's final mean preference ({results['dpo_final']:+.3f}): "
-              + ", ".join(f"{METHODS[k]['label']}: {v if v is not None else 'not reached'}"
+              + ", ".join(f"{results['methods'][k]['label']}: {v if v is not None else 'not reached'}"
                           for k, v in results["steps_to_dpo_final"].items()))
+        fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+        print(f"{'model':<32}{'AUC':>7}{'s/step x DPO':>14}{'cost to DPO level x DPO':>25}")
+        for name, res in results["methods"].items():
+            print(f"{res['label']:<32}{res['auc']:>+7.3f}{fmt(res['step_cost_vs_dpo']):>14}"
+                  f"{fmt(res['cost_to_dpo_final_vs_dpo']):>25}")
 
 
 # ---------------------------------------------------------------------------------- main
@@ -601,69 +731,62 @@ def main(args):
     print("data: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in data_log.items()))
     timings["data_s"] = time.time() - t0
 
-    # 4. the three training runs, same settings
+    # 4. the training runs: every method with every training seed, same settings
     runs_dir = os.path.join(work, "runs")
     common = ["--pretrained_model_name_or_path", base_dir, "--dataset_name", scored, "--resolution", str(RESOLUTION),
               "--train_batch_size", str(cfg["batch_size"]), "--max_train_steps", str(cfg["steps"]),
               "--learning_rate", str(args.learning_rate), "--lr_scheduler", "constant", "--beta_dpo", str(args.beta_dpo),
               "--rank", str(args.rank), "--num_inversion_steps", str(args.num_inversion_steps),
-              "--checkpointing_steps", str(cfg["checkpoint_every"]), "--seed", str(args.seed)]
+              "--inversion_schedule", args.inversion_schedule, "--checkpointing_steps", str(cfg["checkpoint_every"])]
     t0 = time.time()
-    for name in tqdm(args.methods, desc="training runs", unit="run"):
-        out = os.path.join(runs_dir, name)
+    runs = [(name, seed) for name in args.methods for seed in args.train_seeds]
+
+    def train(run_key):
+        name, seed = run_key
+        out = run_dir(runs_dir, name, seed)
         shutil.rmtree(out, ignore_errors=True)
         os.makedirs(out)
         t1 = time.time()
-        run(accelerate_cmd() + common + METHODS[name]["flags"] + ["--output_dir", out], args,
-            os.path.join(runs_dir, f"{name}.log"))
-        timings[f"train_{name}_s"] = time.time() - t1
-        tqdm.write(f"  {METHODS[name]['label']}: {cfg['steps']} steps in {timings[f'train_{name}_s']:.0f} s")
+        # a method's own flags come last: they override the common K and schedule
+        run(accelerate_cmd() + common + ["--seed", str(seed)] + METHODS[name]["flags"] + ["--output_dir", out], args,
+            out + ".log")
+        timings[f"train_{name}_seed{seed}_s"] = time.time() - t1
+        return f"  {METHODS[name]['label']} (seed {seed}): {cfg['steps']} steps in {time.time() - t1:.0f} s"
+
+    for line in parallel(train, runs, args.jobs, tqdm, "training runs"):
+        tqdm.write(line)
     timings["train_s"] = time.time() - t0
 
     # 5. evaluation on fixed seeds
     t0 = time.time()
-    pipe = load_pipeline(base_dir)
     eval_seed = 10_000 + args.seed
-    jobs = [(name, step, path) for name in args.methods for step, path in checkpoint_dirs(os.path.join(runs_dir, name)).items()]
-    bar = tqdm(total=1 + len(jobs), desc="evaluating", unit="model")
-    base_images = sample(pipe, cfg, eval_seed)
+    base_images = sample(load_pipeline(base_dir), cfg, eval_seed)
     base = summarize(base_images, base_images)
-    bar.update(1)
-    results = {"mode": args.mode, "settings": {**cfg, "learning_rate": args.learning_rate, "beta_dpo": args.beta_dpo,
-                                                "rank": args.rank, "num_inversion_steps": args.num_inversion_steps,
-                                                "rater_temperature": args.rater_temperature,
-                                                "reward_noise": args.reward_noise, "seed": args.seed},
-               "data": data_log, "base_model": base_log, "base": base, "methods": {}}
-    grid_rows, grid_labels = [base_images[:cfg["grid_samples"]]], ["base"]
-    for name in args.methods:
-        results["methods"][name] = {"label": METHODS[name]["label"], "curve": {"0": {**base}}}
-    for name, step, path in jobs:
-        pipe.load_lora_weights(path)
-        images = sample(pipe, cfg, eval_seed)
-        pipe.unload_lora_weights()
-        results["methods"][name]["curve"][str(step)] = summarize(images, base_images)
-        if step == cfg["steps"]:
-            grid_rows.append(images[:cfg["grid_samples"]])
-            grid_labels.append(f"{METHODS[name]['short']} @{step}")
-        bar.update(1)
-    bar.close()
+    jobs = [(name, seed, step, path) for name, seed in runs
+            for step, path in checkpoint_dirs(run_dir(runs_dir, name, seed)).items()]
+    evaluated = parallel(evaluate_checkpoint, jobs, args.jobs, tqdm, "evaluating", unit="model",
+                         init=(init_evaluation, (base_dir, cfg, eval_seed, base_images, args.threads)))
     timings["eval_s"] = time.time() - t0
 
-    for name, res in results["methods"].items():
-        final = res["curve"][str(max(map(int, res["curve"])))]
-        res["final"] = final
-        res["final_gain_in_se"] = (final["true_preference"] - base["true_preference"]) / math.hypot(
-            final["true_preference_se"], base["true_preference_se"])
-        with open(os.path.join(runs_dir, name, "metrics.jsonl")) as f:
-            metrics = [json.loads(line) for line in f]
-        res["train_metrics_last"] = {k: metrics[-1][k] for k in ("loss", "implicit_acc", "weight") if k in metrics[-1]}
-    if "dpo" in results["methods"]:
-        level = results["methods"]["dpo"]["final"]["true_preference"]
-        results["dpo_final"] = level
-        results["steps_to_dpo_final"] = {k: steps_to_reach(r["curve"], level) for k, r in results["methods"].items()}
+    results = {"mode": args.mode, "settings": {**cfg, "learning_rate": args.learning_rate, "beta_dpo": args.beta_dpo,
+                                                "rank": args.rank, "num_inversion_steps": args.num_inversion_steps,
+                                                "inversion_schedule": args.inversion_schedule,
+                                                "rater_temperature": args.rater_temperature,
+                                                "reward_noise": args.reward_noise, "seed": args.seed,
+                                                "train_seeds": args.train_seeds},
+               "data": data_log, "base_model": base_log, "base": base,
+               "methods": aggregate(args, runs_dir, runs, jobs, evaluated, base)}
+    compare_with_dpo(results)
+    grid_rows, grid_labels = [base_images[:cfg["grid_samples"]]], ["base"]
+    pipe = load_pipeline(base_dir)
+    for name in args.methods:  # the first training seed's final model
+        pipe.load_lora_weights(checkpoint_dirs(run_dir(runs_dir, name, args.train_seeds[0]))[cfg["steps"]])
+        grid_rows.append(sample(pipe, {**cfg, "num_eval_samples": cfg["grid_samples"]}, eval_seed))
+        grid_labels.append(f"{METHODS[name]['short']} @{cfg['steps']}")
+        pipe.unload_lora_weights()
     timings["total_s"] = time.time() - t_start
     results["timings"] = timings
-    results["machine"] = {"cpus": os.cpu_count(), "torch_threads": args.threads}
+    results["machine"] = {"cpus": os.cpu_count(), "torch_threads": args.threads, "jobs": args.jobs}
     results["plot_size"] = plot_curves(results, os.path.join(work, "preference_vs_step.png"))
     results["grid_size"] = sample_grid(grid_rows, grid_labels, os.path.join(work, "samples_grid.png"))
     with open(os.path.join(work, "results.json"), "w") as f:

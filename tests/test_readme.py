@@ -69,3 +69,22 @@ def test_inference_script_loads_the_sdxl_lora(quickstart_dir):
 
     with Image.open(out) as tuned, Image.open(quickstart_dir / "sdxl-base.png") as base:
         assert tuned.size == base.size == (32, 32)
+
+
+@pytest.mark.parametrize("script, k", [("train_sd15_paper.sh", 5), ("train_sdxl_paper.sh", 10)])
+def test_paper_scripts_reproduce_the_authors_inversion_and_data(script, k):
+    """examples/train_*_paper.sh parse with their training script's flags and run the authors' loop as it
+    ran (grid_above, their K, human ties dropped)."""
+    import shlex
+
+    text = open(os.path.join(ROOT, "examples", script), encoding="utf-8").read()
+    words = shlex.split(text.split("accelerate launch", 1)[1].replace("\\\n", " ").replace('"$@"', ""),
+                        comments=True)
+    training_script = next(w for w in words if w.endswith(".py"))
+    flags = [w.replace("${UNET_INIT:+--unet_init", "").strip() for w in words[words.index(training_script) + 1:]]
+    sys.path.insert(0, ROOT)
+    module = __import__(training_script[:-3])
+    args = module.parse_args([f for f in flags if f and "UNET_INIT" not in f and f != "}"])
+    assert (args.inversion_schedule, args.num_inversion_steps, args.drop_human_ties) == ("grid_above", k, True)
+    assert (args.loss_type, args.noise_source, args.inversion_model, args.full_finetune) == ("smpo", "renoise",
+                                                                                            "policy", True)

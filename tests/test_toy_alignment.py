@@ -42,7 +42,7 @@ def test_minimal_run_then_rerun_reuses_the_cached_base(tmp_path):
     assert set(results["methods"]) == set(METHODS)
     # K = 5 wrecked the toy model (README): the full SmPO run must train with K = 10
     assert results["settings"]["num_inversion_steps"] == 10
-    assert "- `--num_inversion_steps`: `10`" in (work / "runs" / "smpo" / "README.md").read_text()
+    assert "- `--num_inversion_steps`: `10`" in (work / "runs" / "smpo" / "seed-0" / "README.md").read_text()
     for name in METHODS:
         curve = results["methods"][name]["curve"]
         assert sorted(map(int, curve)) == steps, (name, curve.keys())
@@ -50,7 +50,7 @@ def test_minimal_run_then_rerun_reuses_the_cached_base(tmp_path):
             for key in ("true_preference", "true_preference_se", "diversity", "drift", "disk_rate"):
                 assert math.isfinite(row[key]), (name, key, row)
         assert math.isfinite(results["methods"][name]["final_gain_in_se"])
-        assert (work / "runs" / name / "metrics.jsonl").read_text().count("\n") == 1 + cfg["steps"]
+        assert (work / "runs" / name / "seed-0" / "metrics.jsonl").read_text().count("\n") == 1 + cfg["steps"]
     assert results["base"]["drift"] == 0.0
 
     with Image.open(work / "preference_vs_step.png") as plot:
@@ -63,12 +63,22 @@ def test_minimal_run_then_rerun_reuses_the_cached_base(tmp_path):
     assert len(base_dirs) == 1
     weights = work / base_dirs[0] / "unet" / "diffusion_pytorch_model.safetensors"
     mtime = weights.stat().st_mtime_ns
-    # the rerun (one method, fewer steps: the base settings are unchanged) must not retrain the base
+    # the rerun (fewer steps, two training seeds in two processes: the base settings are unchanged) must
+    # not retrain the base
     second = run_script([sys.executable, SCRIPT, "--minimal", "--work_dir", str(work), "--methods", "dpo",
-                         "--steps", "2", "--checkpoint_every", "2"], timeout=900)
+                         "smpo_above5", "--steps", "2", "--checkpoint_every", "2", "--train_seeds", "3", "4",
+                         "--jobs", "2"], timeout=900)
     assert "reusing the cached base model" in second.stdout
     assert "trained the base model" not in second.stdout
     assert weights.stat().st_mtime_ns == mtime
     rerun = json.loads((work / "results.json").read_text())
     assert rerun["timings"]["base_cached"] is True and rerun["timings"]["base_s"] < 5
     assert sorted(map(int, rerun["methods"]["dpo"]["curve"])) == [0, 2]
+    for name in ("dpo", "smpo_above5"):  # the curve is the mean over the seeds, its SE the spread over them
+        res = rerun["methods"][name]
+        finals = list(res["final_by_seed"].values())
+        assert sorted(res["final_by_seed"]) == ["3", "4"]
+        assert math.isclose(res["final"]["true_preference"], np.mean(finals), abs_tol=1e-9)
+        assert math.isclose(res["final"]["true_preference_se"], np.std(finals, ddof=1) / math.sqrt(2), abs_tol=1e-9)
+    context = json.loads((work / "runs" / "smpo_above5" / "seed-4" / "metrics.jsonl").read_text().splitlines()[0])
+    assert context["context"]["inversion_schedule"] == "grid_above" and context["context"]["seed"] == 4
