@@ -45,6 +45,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 
 import numpy as np
 import torch
@@ -63,6 +64,7 @@ GENERATION_KEYS = ("pretrained_model_name_or_path", "revision", "variant", "unet
                    "disable_safety_checker", "reward_model_name_or_path", "reward_processor_name_or_path",
                    "shard_size")
 DATASET_FILES = ("state.json", "dataset_info.json")  # plus data-*.arrow: what save_to_disk writes
+NO_TWO_IMAGES = "prompts with fewer than 2 usable images"
 
 
 # ------------------------------------------------------------------------------------ flags
@@ -257,13 +259,13 @@ def candidate_pairs(usable, scores, pairing, pairs_per_prompt, rng):
 
 def make_pairs(records, args):
     """Rows of the pair dataset (image columns as paths relative to the output folder), and what was left out."""
-    rows, left_out = [], {"near-tie": 0, "prompts with fewer than 2 usable images": []}
+    rows, left_out = [], {"near-tie": 0, NO_TWO_IMAGES: []}
     height = width = None
     for record in records:
         i, images = record["prompt_index"], {e["k"]: e for e in record["images"]}
         scores = {k: e["score"] for k, e in images.items() if e["problem"] is None}
         if len(scores) < 2:
-            left_out["prompts with fewer than 2 usable images"].append(i)
+            left_out[NO_TWO_IMAGES].append(i)
             continue
         rng = np.random.default_rng([args.seed, i])
         for a, b in candidate_pairs(list(scores), scores, args.pairing, args.pairs_per_prompt, rng):
@@ -386,7 +388,7 @@ def summarize(records, rows, left_out, skipped, args, run_info):
         "left_out": {
             "images": {"count": len(bad), "by_problem": by_problem, "images": bad},
             f"pairs with |score gap| < min_score_gap ({args.min_score_gap})": left_out["near-tie"],
-            "prompts with fewer than 2 usable images": left_out["prompts with fewer than 2 usable images"],
+            NO_TWO_IMAGES: left_out[NO_TWO_IMAGES],
             "prompts skipped": skipped,
         },
         "scores": score_statistics(records, rows),
@@ -458,8 +460,6 @@ def main(args):
         report(summary, args)
     state.wait_for_everyone()
     if state.num_processes > 1 and torch.distributed.get_backend() == "gloo":
-        import sys
-
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0 if summary is None or summary["num_pairs"] else 1)  # gloo can deadlock at exit (smpo/training.py)
@@ -470,16 +470,17 @@ def main(args):
 
 
 def report(summary, args):
+    """Print what was written and what was left out."""
     left = summary["left_out"]
     print(f"{summary['num_pairs']} pairs from {summary['num_prompts']} prompts "
           f"({summary['num_images_used']} of {summary['num_images']} images usable); labels {summary['label_0_counts']}")
     if left["images"]["count"]:
         print(f"left out {left['images']['count']} images: {left['images']['by_problem']}")
-    near = [v for k, v in left.items() if k.startswith("pairs with")][0]
+    near = left[f"pairs with |score gap| < min_score_gap ({args.min_score_gap})"]
     if near:
         print(f"left out {near} near-tie pairs (|score gap| < {args.min_score_gap})")
-    if left["prompts with fewer than 2 usable images"]:
-        print(f"no pair for prompts {left['prompts with fewer than 2 usable images'][:20]}: fewer than 2 usable images")
+    if left[NO_TWO_IMAGES]:
+        print(f"no pair for prompts {left[NO_TWO_IMAGES][:20]}: fewer than 2 usable images")
     if "mean" in summary["scores"]:
         s = summary["scores"]
         print(f"scores: mean {s['mean']:.4f}, std {s['std']:.4f}, min {s['min']:.4f}, max {s['max']:.4f}")
