@@ -26,7 +26,6 @@ the number of prompts (ties counted half). Writes to ``--output_dir``:
 
 import argparse
 import csv
-import gc
 import json
 import math
 import os
@@ -35,16 +34,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from score_pairs import PICKSCORE, PICKSCORE_PROCESSOR, default_reward_processor, reward_scores
-from smpo.data import load_preference_dataset, open_image
+from smpo.data import open_image
+from smpo.grid import GRID_CAPTION_HEIGHT, make_grid  # noqa: F401  (make_grid: base row over tuned row)
+from smpo.rewards import (  # noqa: F401
+    NOT_BUILT_IN, PICKSCORE, PICKSCORE_PROCESSOR, default_reward_processor, load_reward_model, reward_scores)
+from smpo.sampling import SEED_RULE, free_memory, image_seed, load_pipeline, read_prompts  # noqa: F401
 
-# Reward models that are not CLIP-like transformers models; not built in (see load_reward_model).
-NOT_BUILT_IN = {"hpsv2", "hpsv2.1", "imagereward", "aesthetic"}
 Z_95 = 1.959963984540054  # the 0.975 quantile of the standard normal
-GRID_MAX_CELL = 256  # grid cells are at most this wide (images are scaled down, never up)
-GRID_CAPTION_HEIGHT = 40  # px under each pair: 3 lines of a 10-px font, 12 px apart, + padding
-GRID_CAPTION_LINES = 3
-GRID_LINE_HEIGHT = 12
 
 
 # ------------------------------------------------------------------------------------ flags
@@ -110,58 +106,9 @@ def parse_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------------- prompts
-def read_prompts(prompts_file=None, dataset_name=None, split="test", caption_column="caption", num_prompts=None,
-                 cache_dir=None):
-    """The prompts: the non-blank lines of a file, or a dataset's unique captions in first-seen order."""
-    if prompts_file is not None:
-        with open(prompts_file, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f]
-        prompts = [p for p in prompts if p]
-        where = prompts_file
-    else:
-        dataset = load_preference_dataset(dataset_name, split, cache_dir)
-        if caption_column not in dataset.column_names:
-            raise SystemExit(f"caption column '{caption_column}' not found in {dataset_name}; it has columns "
-                             f"{sorted(dataset.column_names)}. Set --caption_column.")
-        captions = (str(c).strip() for c in dataset.select_columns([caption_column])[caption_column])
-        prompts = list(dict.fromkeys(c for c in captions if c))  # unique, first-seen order
-        where = f"{dataset_name} (column {caption_column})"
-    if not prompts:
-        raise SystemExit(f"no prompts in {where}")
-    return prompts[:num_prompts] if num_prompts is not None else prompts
-
-
 # ------------------------------------------------------------------------------- generation
-def image_seed(seed, prompt_index, k, num_images_per_prompt):
-    """The seed of image k of prompt i; the same for the base and the tuned model."""
-    return seed + prompt_index * num_images_per_prompt + k
-
-
 def image_path(output_dir, which, prompt_index, k):
     return os.path.join(output_dir, "images", which, f"{prompt_index:04d}_{k}.png")
-
-
-def load_pipeline(name_or_path, args, base=True):
-    """A diffusion pipeline in the evaluation dtype on the device, progress bar off."""
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
-
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    components = {}
-    if args.pretrained_vae_model_name_or_path:
-        components["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=dtype,
-                                                          cache_dir=args.cache_dir)
-    if base and args.unet_init:
-        subfolder = "unet" if os.path.isdir(os.path.join(args.unet_init, "unet")) else None
-        components["unet"] = UNet2DConditionModel.from_pretrained(args.unet_init, subfolder=subfolder,
-                                                                  torch_dtype=dtype, cache_dir=args.cache_dir)
-    extra = {"revision": args.revision, "variant": args.variant} if base else {}
-    pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype, cache_dir=args.cache_dir,
-                                             **extra, **components)
-    if args.disable_safety_checker and getattr(pipe, "safety_checker", None) is not None:
-        pipe.safety_checker = None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(args.device)
 
 
 @torch.no_grad()
@@ -182,13 +129,6 @@ def generate_images(pipe, prompts, args, which):
     return [[image_path(args.output_dir, which, i, k) for k in range(n)] for i in range(len(prompts))]
 
 
-def free_memory(device):
-    """Give back the memory of models the caller has just deleted."""
-    gc.collect()
-    if str(device).startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
 def generate_base_and_tuned(prompts, args):
     """Paths of the base's and the tuned model's images; one pipeline in memory at a time."""
     pipe = load_pipeline(args.pretrained_model_name_or_path, args)
@@ -206,24 +146,6 @@ def generate_base_and_tuned(prompts, args):
 
 
 # ---------------------------------------------------------------------------------- scoring
-def load_reward_model(name_or_path, processor_name_or_path, device, cache_dir=None):
-    """A CLIP-like reward model (PickScore, CLIP) and its processor, through transformers, in fp32.
-
-    To add another kind of scorer (HPSv2, ImageReward, an aesthetic predictor), give it the interface of
-    score_pairs.reward_scores and dispatch on its name here; keep its package an optional import.
-    """
-    from transformers import AutoModel, AutoProcessor
-
-    if name_or_path.lower() in NOT_BUILT_IN:
-        raise SystemExit(
-            f"reward model '{name_or_path}' is not built in: evaluate.py scores with CLIP-like transformers "
-            f"models (PickScore: {PICKSCORE}, or any CLIPModel such as openai/clip-vit-large-patch14). "
-            "See load_reward_model in evaluate.py for where to add another scorer.")
-    model = AutoModel.from_pretrained(name_or_path, cache_dir=cache_dir).to(device).eval()
-    processor = AutoProcessor.from_pretrained(processor_name_or_path, cache_dir=cache_dir)
-    return model, processor
-
-
 def score_images(model, processor, paths, prompts, device, batch_size, desc="scoring"):
     """Reward scores of the images at paths (P, k) against their prompts, as a (P, k) float64 array."""
     flat = [(path, prompts[i]) for i, row in enumerate(paths) for path in row]
@@ -278,64 +200,6 @@ def reward_model_keys(names):
 
 
 # ---------------------------------------------------------------------------------- outputs
-def make_grid(base_images, tuned_images, prompts, max_cell=GRID_MAX_CELL):
-    """Base images in the top row, tuned in the bottom row, each prompt under its pair.
-
-    Cells are min(image width, max_cell) wide (aspect kept); the image is
-    (columns * cell_width) x (2 * cell_height + GRID_CAPTION_HEIGHT).
-    """
-    from PIL import Image, ImageDraw
-
-    width, height = base_images[0].size
-    cell_w = min(width, max_cell)
-    cell_h = max(1, round(height * cell_w / width))
-    grid = Image.new("RGB", (cell_w * len(prompts), 2 * cell_h + GRID_CAPTION_HEIGHT), "white")
-    draw, font = ImageDraw.Draw(grid), caption_font()
-    for col, (base, tuned, prompt) in enumerate(zip(base_images, tuned_images, prompts)):
-        x = col * cell_w
-        grid.paste(base.convert("RGB").resize((cell_w, cell_h)), (x, 0))
-        grid.paste(tuned.convert("RGB").resize((cell_w, cell_h)), (x, cell_h))
-        for line_no, line in enumerate(wrap_caption(prompt, draw, font, cell_w - 4)):
-            draw.text((x + 2, 2 * cell_h + 2 + line_no * GRID_LINE_HEIGHT), line, fill="black", font=font)
-    return grid
-
-
-def caption_font(size=10):
-    """DejaVu Sans where installed (accented Latin, Greek, Cyrillic), else PIL's default font."""
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size)
-    except OSError:
-        return ImageFont.load_default()
-
-
-def wrap_caption(text, draw, font, max_width, max_lines=GRID_CAPTION_LINES):
-    """Lines of text that fit max_width px (words, or characters of a long word); '...' if cut."""
-    lines, line = [], ""
-    for char in text:
-        if char == "\n":
-            char = " "
-        if draw.textlength(line + char, font=font) <= max_width or not line:
-            line += char
-            continue
-        head, sep, tail = line.rpartition(" ")  # break at the last space if there is one
-        if sep and head:
-            lines.append(head)
-            line = tail + char
-        else:
-            lines.append(line)
-            line = char.lstrip()
-    if line:
-        lines.append(line)
-    if len(lines) > max_lines:
-        last = lines[max_lines - 1]
-        while last and draw.textlength(last + "...", font=font) > max_width:
-            last = last[:-1]
-        lines = lines[:max_lines - 1] + [last + "..."]
-    return lines
-
-
 def write_csv(path, prompts, keys, scores):
     """One row a prompt: index, prompt, and per reward model the mean base / tuned score and the outcome."""
     names = {1.0: "win", 0.5: "tie", 0.0: "loss"}
@@ -363,7 +227,7 @@ def settings(args, image_size):
         "resolution": args.resolution,
         "image_size": list(image_size),
         "seed": args.seed,
-        "seeds": "image k of prompt i: seed + i * num_images_per_prompt + k (CPU generator)",
+        "seeds": SEED_RULE,
         "mixed_precision": args.mixed_precision,
         "score": "cosine similarity of image and prompt embeddings, no logit scale",
         "win_rate": "per prompt, mean tuned score vs mean base score over its images; win 1, tie 0.5, loss 0; "

@@ -17,12 +17,11 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from smpo.data import IMAGE_COLUMNS, LABEL_COLUMN, SCORE_COLUMNS, check_columns, load_preference_dataset, open_image
+from smpo.rewards import (  # noqa: F401  the names other code imported from here
+    PICKSCORE, PICKSCORE_PROCESSOR, _embedding, default_reward_processor, load_reward_model, reward_scores)
 
-PICKSCORE = "yuvalkirstain/PickScore_v1"
-PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 UNREADABLE = "_unreadable"
 CACHE_VERSION = "score_pairs-v1"  # change when the scores computed for a row change
 
@@ -47,34 +46,6 @@ def parse_args(argv=None):
     return args
 
 
-def default_reward_processor(model_name_or_path):
-    """The processor that goes with a reward model: PickScore's is the LAION CLIP-H one."""
-    return PICKSCORE_PROCESSOR if model_name_or_path == PICKSCORE else model_name_or_path
-
-
-def _embedding(output):
-    """The projected embedding: transformers 5 returns a ModelOutput whose pooler_output holds it."""
-    return output if torch.is_tensor(output) else output.pooler_output
-
-
-@torch.no_grad()
-def reward_scores(model, processor, images, captions, device):
-    """Cosine similarity of each image with its caption, shape (B,), float32 on the CPU.
-
-    ``images``: B PIL images; ``captions``: B strings (truncated to 77 tokens). No logit scale.
-    """
-    dtype = next(model.parameters()).dtype
-    image_inputs = processor(images=images, return_tensors="pt")
-    text_inputs = processor(text=[str(c) for c in captions], padding=True, truncation=True, max_length=77,
-                            return_tensors="pt")
-    image_embeds = _embedding(model.get_image_features(pixel_values=image_inputs["pixel_values"].to(device, dtype)))
-    text_embeds = _embedding(model.get_text_features(
-        input_ids=text_inputs["input_ids"].to(device), attention_mask=text_inputs["attention_mask"].to(device)))
-    image_embeds = F.normalize(image_embeds.float(), dim=-1)
-    text_embeds = F.normalize(text_embeds.float(), dim=-1)
-    return (image_embeds * text_embeds).sum(dim=-1).cpu()
-
-
 def score_batch(captions, images_0, images_1, rows, model, processor, device):
     """datasets.map function: scores of each pair, NaN and flagged where an image is unreadable."""
     n = len(rows)
@@ -97,7 +68,6 @@ def score_batch(captions, images_0, images_1, rows, model, processor, device):
 
 def main(args):
     import datasets
-    from transformers import AutoModel, AutoProcessor
 
     dataset = load_preference_dataset(args.dataset_name, args.dataset_split_name, args.cache_dir)
     needed = [args.caption_column, *IMAGE_COLUMNS]
@@ -105,8 +75,8 @@ def main(args):
     if args.max_samples is not None:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
 
-    model = AutoModel.from_pretrained(args.reward_model_name_or_path, cache_dir=args.cache_dir).to(args.device).eval()
-    processor = AutoProcessor.from_pretrained(args.reward_processor_name_or_path, cache_dir=args.cache_dir)
+    model, processor = load_reward_model(args.reward_model_name_or_path, args.reward_processor_name_or_path,
+                                         args.device, args.cache_dir)
 
     # Score on a view of the needed columns (images stay undecoded until open_image) and write only
     # the score columns, so the map cache stays small. The fingerprint names what the scores depend on,

@@ -10,7 +10,9 @@ The whole method lives in three pure functions:
 
 :mod:`smpo.data` loads and pairs the images; :mod:`smpo.training` is the loop both training
 scripts share, with :mod:`smpo.checkpoints` (save, resume, stop) and :mod:`smpo.cache` (latent and
-text-embedding caches).
+text-embedding caches). :mod:`smpo.rewards` scores images with a reward model, :mod:`smpo.sampling`
+samples a pipeline with the shared seed rule, :mod:`smpo.grid` draws captioned grids (the scripts
+score_pairs.py, evaluate.py and generate_pairs.py).
 """
 
 from .labels import preference_weight

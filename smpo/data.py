@@ -2,8 +2,10 @@
 
 A preference dataset has the Pick-a-Pic v2 columns ``caption``, ``jpg_0``, ``jpg_1`` (encoded image
 bytes) and ``label_0`` (1: image 0 preferred, 0: image 1 preferred, 0.5: tie); SmPO also needs
-``reward_score_0`` / ``reward_score_1`` written by ``score_pairs.py``. Both training scripts and
-``score_pairs.py`` use this module, so every path through the project sees the same pairs.
+``reward_score_0`` / ``reward_score_1`` written by ``score_pairs.py`` or ``generate_pairs.py`` (in a
+``metadata.jsonl`` folder, every key of a line is kept as a column, the scores too). Both training
+scripts, ``score_pairs.py`` and ``generate_pairs.py`` use this module, so every path through the
+project sees the same pairs.
 """
 
 import glob

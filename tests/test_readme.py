@@ -88,3 +88,19 @@ def test_paper_scripts_reproduce_the_authors_inversion_and_data(script, k):
     assert (args.inversion_schedule, args.num_inversion_steps, args.drop_human_ties) == ("grid_above", k, True)
     assert (args.loss_type, args.noise_source, args.inversion_model, args.full_finetune) == ("smpo", "renoise",
                                                                                             "policy", True)
+
+
+def test_readme_generate_train_evaluate_commands_run(quickstart_dir):
+    """The tiny-model version of the README's three-command path: generate_pairs.py, train, evaluate."""
+    command = next(c for c in readme_commands() if "generate_pairs.py" in c and "tiny-sd" in c)
+    for script in ("generate_pairs.py", "evaluate.py"):
+        command = command.replace(f".venv/bin/python {script}", f"{sys.executable} {os.path.join(ROOT, script)}")
+    command = command.replace('PATH="$PWD/.venv/bin:$PATH"', f'PATH="{os.path.dirname(sys.executable)}:$PATH"')
+    command = command.replace(" train_smpo_diffusion.py", " " + os.path.join(ROOT, "train_smpo_diffusion.py"))
+    assert command.count("\n") == 2  # three commands, each run as written
+    run_script(["bash", "-ec", command], cwd=quickstart_dir)
+    out = quickstart_dir / "smpo-quickstart"
+    summary = json.loads((out / "onpolicy-pairs" / "generation_summary.json").read_text())
+    assert summary["num_prompts"] == 8 and summary["num_pairs"] == 8 * 6
+    assert (out / "onpolicy-lora" / "pytorch_lora_weights.safetensors").exists()
+    assert json.loads((out / "onpolicy-eval" / "results.json").read_text())["num_prompts"] == 8
