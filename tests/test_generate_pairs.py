@@ -218,7 +218,7 @@ def test_training_reads_both_output_formats_unchanged(loss_type, fixture, reques
                       "--train_batch_size", 2, "--max_train_steps", 2, "--checkpointing_steps", 1000, "--seed", 0,
                       env=ONE_THREAD)
     assert (out / "pytorch_lora_weights.safetensors").exists()
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in m]
     assert [m["step"] for m in steps] == [1, 2] and all(np.isfinite(m["loss"]) for m in steps)
 
 
