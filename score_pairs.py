@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from smpo.data import IMAGE_COLUMNS, LABEL_COLUMN, SCORE_COLUMNS, check_columns, load_preference_dataset, open_image
-from smpo.rewards import (  # noqa: F401  the names other code imported from here
-    PICKSCORE, PICKSCORE_PROCESSOR, _embedding, default_reward_processor, load_reward_model, reward_scores)
+from smpo.rewards import PICKSCORE, default_reward_processor, load_reward_model, reward_scores
 
 UNREADABLE = "_unreadable"
 CACHE_VERSION = "score_pairs-v1"  # change when the scores computed for a row change

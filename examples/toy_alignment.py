@@ -47,6 +47,7 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # smpo, from a checkout
 CAPTION = "a disk"
 RESOLUTION = 32
 WARM_HUE = 30.0 / 360.0  # orange: the most preferred hue
@@ -117,12 +118,19 @@ def parse_args(argv=None):
     p.add_argument("--reward_noise", type=float, default=0.15, help="Noise std of the reward model's targets.")
     p.add_argument("--inversion_schedule", default="exact", choices=["exact", "grid_above", "grid_below"],
                    help="The inversion schedule of the 'smpo' and 'smpo_refinv' methods (docs/inversion.md).")
+    p.add_argument("--data_source", default="world", choices=["world", "on_policy"],
+                   help="world: pairs of world images (like Pick-a-Pic's pairs of other models' samples); on_policy: "
+                        "pairs of the base model's own samples made by generate_pairs.py, scored by the same reward "
+                        "model and labelled by the same simulated raters.")
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS) + ["ablation"],
                    help=f"'ablation' stands for {' '.join(ABLATION)}.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the world, the base model, the data and the reward model.")
     p.add_argument("--train_seeds", type=int, nargs="+", default=None,
                    help="Training seeds of every method (default: --seed). With several, each method's curve is the "
                         "mean over seeds and its error bar the standard error over seeds.")
+    p.add_argument("--reuse_runs", action="store_true",
+                   help="Keep training runs that already reached the last step (same settings assumed) instead of "
+                        "training them again; checkpoint evaluations are always cached beside the checkpoint.")
     p.add_argument("--jobs", type=int, default=1,
                    help="Training runs and evaluations at once (each with --threads torch threads).")
     p.add_argument("--threads", type=int, default=1,
@@ -357,8 +365,7 @@ def train_reward_model(args, cfg, out_dir, tqdm):
     import torch.nn.functional as F
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
 
-    sys.path.insert(0, ROOT)
-    from score_pairs import _embedding
+    from smpo.rewards import projected_embedding
 
     torch.manual_seed(args.seed + 2)
     rng = np.random.default_rng(args.seed + 2)
@@ -383,8 +390,8 @@ def train_reward_model(args, cfg, out_dir, tqdm):
     bar = tqdm(range(cfg["reward_steps"]), desc="reward model", unit="step")
     for _ in bar:
         idx = torch.from_numpy(rng.integers(0, n, 64))
-        img = F.normalize(_embedding(model.get_image_features(pixel_values=pixel_values[idx])), dim=-1)
-        txt = F.normalize(_embedding(model.get_text_features(**text)), dim=-1)
+        img = F.normalize(projected_embedding(model.get_image_features(pixel_values=pixel_values[idx])), dim=-1)
+        txt = F.normalize(projected_embedding(model.get_text_features(**text)), dim=-1)
         loss = F.mse_loss((img * txt).sum(-1), target[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -393,6 +400,51 @@ def train_reward_model(args, cfg, out_dir, tqdm):
         bar.set_postfix(rmse=f"{loss.item() ** 0.5:.4f}")
     model.eval().save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+
+
+def build_on_policy_dataset(args, cfg, base_dir, reward, out_dir, tqdm):
+    """The second data source: pairs of the base model's own samples. generate_pairs.py samples two images per
+    prompt (the caption, num_pairs times) and scores them with the experiment's reward model; the same
+    simulated raters as build_dataset() then label each pair from the images' true preference (from pixels)."""
+    from datasets import load_from_disk
+
+    from smpo.data import open_image
+
+    os.makedirs(out_dir)
+    prompts = os.path.join(out_dir, "prompts.txt")
+    with open(prompts, "w") as f:
+        f.write((CAPTION + "\n") * cfg["num_pairs"])
+    generated = os.path.join(out_dir, "generated")
+    # seeds 10^6 + 2 i + k: away from the evaluation's (10^4 + seed + k)
+    run([sys.executable, os.path.join(ROOT, "generate_pairs.py"), "--pretrained_model_name_or_path", base_dir,
+         "--prompts_file", prompts, "--num_images_per_prompt", "2", "--pairing", "all",
+         "--num_inference_steps", str(cfg["eval_inference_steps"]), "--guidance_scale", "1.0",
+         "--resolution", str(RESOLUTION), "--seed", str(1_000_000 + args.seed), "--batch_size", "32",
+         "--shard_size", "64", "--reward_model_name_or_path", reward, "--device", "cpu", "--output_dir", generated],
+        args, os.path.join(out_dir, "generate_pairs.log"))
+    ds = load_from_disk(generated)
+    decode = lambda column: np.stack([np.asarray(open_image(v), np.float32) / 255.0 for v in ds[column]])  # noqa: E731
+    w0, w1 = true_preference(decode("jpg_0"))[0], true_preference(decode("jpg_1"))[0]
+    rng = np.random.default_rng(args.seed + 4)
+    labels = (rng.random(len(ds)) < 1.0 / (1.0 + np.exp(-(w0 - w1) / args.rater_temperature))).astype(np.float64)
+    ds = ds.remove_columns([c for c in ("label_0", "label_1") if c in ds.column_names])
+    for name, values in (("label_0", labels), ("label_1", 1.0 - labels), ("true_preference_0", w0),
+                         ("true_preference_1", w1)):
+        ds = ds.add_column(name, [float(v) for v in values])
+    scored = os.path.join(out_dir, "pairs-scored")
+    ds.save_to_disk(scored)
+    return {"num_pairs": len(ds), "labels_agree_with_truth": float(((w0 > w1) == (labels == 1)).mean()),
+            "near_ties (|w0 - w1| < 0.1)": float((np.abs(w0 - w1) < 0.1).mean()), **score_stats(ds)}
+
+
+def score_stats(ds):
+    """How well the reward scores of a scored pair dataset track the true preference."""
+    s0, s1 = np.array(ds["reward_score_0"]), np.array(ds["reward_score_1"])
+    w0, w1 = np.array(ds["true_preference_0"]), np.array(ds["true_preference_1"])
+    p0 = 1 / (1 + np.exp(-(s0 - s1) / 0.16658))
+    return {"reward_corr_with_truth": float(np.corrcoef(np.r_[s0, s1], np.r_[w0, w1])[0, 1]),
+            "reward_agrees_with_truth": float(((s0 > s1) == (w0 > w1)).mean()),
+            "mean_smoothed_weight": float((10 * np.abs(2 * p0 - 1)).mean())}
 
 
 def python_env(args):
@@ -455,6 +507,8 @@ def summarize(images, base_images):
 
 def checkpoint_dirs(run_dir):
     found = {}
+    if not os.path.isdir(run_dir):
+        return found
     for name in os.listdir(run_dir):
         if name.startswith("checkpoint-") and os.path.exists(os.path.join(run_dir, name, "pytorch_lora_weights.safetensors")):
             found[int(name.split("-")[1])] = os.path.join(run_dir, name)
@@ -512,11 +566,21 @@ def init_evaluation(base_dir, cfg, eval_seed, base_images, threads):
 def evaluate_checkpoint(job):
     """summarize() of one LoRA checkpoint's samples (in a worker that holds the base pipeline)."""
     name, seed, step, path = job
+    cfg = _EVAL["cfg"]
+    key = hashlib.sha256(json.dumps([_EVAL["eval_seed"], cfg["num_eval_samples"], cfg["eval_inference_steps"],
+                                     os.path.getmtime(os.path.join(path, "pytorch_lora_weights.safetensors"))])
+                         .encode()).hexdigest()[:10]
+    cached = os.path.join(path, f"toy-eval-{key}.json")  # the same checkpoint and settings: the same numbers
+    if os.path.exists(cached):
+        return json.load(open(cached))
     pipe = _EVAL["pipe"]
     pipe.load_lora_weights(path)
-    images = sample(pipe, _EVAL["cfg"], _EVAL["eval_seed"])
+    images = sample(pipe, cfg, _EVAL["eval_seed"])
     pipe.unload_lora_weights()
-    return summarize(images, _EVAL["base_images"])
+    summary = summarize(images, _EVAL["base_images"])
+    with open(cached, "w") as f:
+        json.dump(summary, f)
+    return summary
 
 
 def seconds_per_step(run_path):
@@ -720,19 +784,22 @@ def main(args):
             args, os.path.join(data_dir, "score_pairs.log"))
         from datasets import load_from_disk
 
-        ds = load_from_disk(scored)
-        s0, s1 = np.array(ds["reward_score_0"]), np.array(ds["reward_score_1"])
-        w0, w1 = np.array(ds["true_preference_0"]), np.array(ds["true_preference_1"])
-        p0 = 1 / (1 + np.exp(-(s0 - s1) / 0.16658))
-        data_log.update(reward_corr_with_truth=float(np.corrcoef(np.r_[s0, s1], np.r_[w0, w1])[0, 1]),
-                        reward_agrees_with_truth=float(((s0 > s1) == (w0 > w1)).mean()),
-                        mean_smoothed_weight=float((10 * np.abs(2 * p0 - 1)).mean()))
+        data_log.update(score_stats(load_from_disk(scored)))
         json.dump(data_log, open(os.path.join(data_dir, "DONE"), "w"), indent=1)
+    if args.data_source == "on_policy":  # the base model's own samples, same reward model and raters
+        on_policy_dir = os.path.join(work, f"on-policy-{data_key}-{key}")
+        if not os.path.exists(os.path.join(on_policy_dir, "DONE")):
+            shutil.rmtree(on_policy_dir, ignore_errors=True)
+            print("sampling the base model's own pairs with generate_pairs.py")
+            json.dump(build_on_policy_dataset(args, cfg, base_dir, reward, on_policy_dir, tqdm),
+                      open(os.path.join(on_policy_dir, "DONE"), "w"), indent=1)
+        data_log = {"source": "on_policy", **json.load(open(os.path.join(on_policy_dir, "DONE")))}
+        scored = os.path.join(on_policy_dir, "pairs-scored")
     print("data: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in data_log.items()))
     timings["data_s"] = time.time() - t0
 
     # 4. the training runs: every method with every training seed, same settings
-    runs_dir = os.path.join(work, "runs")
+    runs_dir = os.path.join(work, "runs" if args.data_source == "world" else "runs-on-policy")
     common = ["--pretrained_model_name_or_path", base_dir, "--dataset_name", scored, "--resolution", str(RESOLUTION),
               "--train_batch_size", str(cfg["batch_size"]), "--max_train_steps", str(cfg["steps"]),
               "--learning_rate", str(args.learning_rate), "--lr_scheduler", "constant", "--beta_dpo", str(args.beta_dpo),
@@ -744,6 +811,8 @@ def main(args):
     def train(run_key):
         name, seed = run_key
         out = run_dir(runs_dir, name, seed)
+        if args.reuse_runs and cfg["steps"] in checkpoint_dirs(out):
+            return f"  {METHODS[name]['label']} (seed {seed}): reusing {out}"
         shutil.rmtree(out, ignore_errors=True)
         os.makedirs(out)
         t1 = time.time()
@@ -773,6 +842,7 @@ def main(args):
                                                 "inversion_schedule": args.inversion_schedule,
                                                 "rater_temperature": args.rater_temperature,
                                                 "reward_noise": args.reward_noise, "seed": args.seed,
+                                                "data_source": args.data_source,
                                                 "train_seeds": args.train_seeds},
                "data": data_log, "base_model": base_log, "base": base,
                "methods": aggregate(args, runs_dir, runs, jobs, evaluated, base)}
@@ -787,15 +857,16 @@ def main(args):
     timings["total_s"] = time.time() - t_start
     results["timings"] = timings
     results["machine"] = {"cpus": os.cpu_count(), "torch_threads": args.threads, "jobs": args.jobs}
-    results["plot_size"] = plot_curves(results, os.path.join(work, "preference_vs_step.png"))
-    results["grid_size"] = sample_grid(grid_rows, grid_labels, os.path.join(work, "samples_grid.png"))
-    with open(os.path.join(work, "results.json"), "w") as f:
+    suffix = "" if args.data_source == "world" else "_on_policy"
+    results["plot_size"] = plot_curves(results, os.path.join(work, f"preference_vs_step{suffix}.png"))
+    results["grid_size"] = sample_grid(grid_rows, grid_labels, os.path.join(work, f"samples_grid{suffix}.png"))
+    with open(os.path.join(work, f"results{suffix}.json"), "w") as f:
         json.dump(results, f, indent=1)
     print_table(results)
     print(f"\ntimes: base {timings['base_s']:.0f} s ({'cached' if timings['base_cached'] else 'trained'}), "
           f"data {timings['data_s']:.0f} s, training {timings['train_s']:.0f} s, evaluation {timings['eval_s']:.0f} s, "
           f"total {timings['total_s']:.0f} s")
-    print(f"wrote {work}/results.json, preference_vs_step.png, samples_grid.png")
+    print(f"wrote {work}/results{suffix}.json, preference_vs_step{suffix}.png, samples_grid{suffix}.png")
     return results
 
 

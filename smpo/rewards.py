@@ -51,7 +51,7 @@ def load_reward_model(name_or_path, processor_name_or_path=None, device="cpu", c
     return model.to(device).eval(), processor
 
 
-def _embedding(output):
+def projected_embedding(output):
     """The projected embedding: transformers 5 returns a ModelOutput whose pooler_output holds it."""
     return output if torch.is_tensor(output) else output.pooler_output
 
@@ -66,8 +66,8 @@ def reward_scores(model, processor, images, captions, device):
     image_inputs = processor(images=images, return_tensors="pt")
     text_inputs = processor(text=[str(c) for c in captions], padding=True, truncation=True, max_length=77,
                             return_tensors="pt")
-    image_embeds = _embedding(model.get_image_features(pixel_values=image_inputs["pixel_values"].to(device, dtype)))
-    text_embeds = _embedding(model.get_text_features(
+    image_embeds = projected_embedding(model.get_image_features(pixel_values=image_inputs["pixel_values"].to(device, dtype)))
+    text_embeds = projected_embedding(model.get_text_features(
         input_ids=text_inputs["input_ids"].to(device), attention_mask=text_inputs["attention_mask"].to(device)))
     image_embeds = F.normalize(image_embeds.float(), dim=-1)
     text_embeds = F.normalize(text_embeds.float(), dim=-1)

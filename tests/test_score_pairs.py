@@ -61,7 +61,7 @@ def test_scored_dataset_keeps_rows_and_columns(clean, scored, scored_dataset):
 
 
 def test_reward_scores_is_cosine_similarity_without_logit_scale(clean, scored, reward):
-    from score_pairs import reward_scores
+    from smpo.rewards import reward_scores
 
     model, processor = reward
     rows = [0, 3, 6]
