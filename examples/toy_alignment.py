@@ -731,6 +731,31 @@ def print_table(results):
                   f"{fmt(res['cost_to_dpo_final_vs_dpo']):>25}")
 
 
+def markdown_table(results):
+    """results.md: one row per method, the numbers the README and docs/inversion.md quote."""
+    base = results["base"]
+    seeds = results["settings"]["train_seeds"]
+    se = lambda values: np.std(values, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")  # noqa: E731
+    fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+    lines = [f"{results['mode']} mode, data {results['settings'].get('data_source', 'world')}, training seeds {seeds}; "
+             f"base {base['true_preference']:+.3f} +- {base['true_preference_se']:.3f} (diversity {base['diversity']:.3f}). "
+             "Final and AUC: mean +- SE over the seeds; vs base: (final - base) / combined SE.", "",
+             "| method | final | vs base | AUC | steps to DPO final | diversity | drift | s/step x DPO | "
+             "cost to DPO final x DPO | m_w - r_w | m_l - r_l | noise std w / l |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, res in results["methods"].items():
+        final, last = res["final"], res["train_metrics_last"]
+        aucs = list(res["auc_by_seed"].values())
+        lines.append(
+            f"| {res['label']} | {final['true_preference']:+.3f} +- {final['true_preference_se']:.3f} | "
+            f"{res['final_gain_in_se']:+.1f} SE | {res['auc']:+.3f} +- {se(aucs):.3f} | "
+            f"{fmt(results.get('steps_to_dpo_final', {}).get(name), 'd')} | {final['diversity']:.3f} | {final['drift']:.3f} | "
+            f"{fmt(res.get('step_cost_vs_dpo'), '.2f')} | {fmt(res.get('cost_to_dpo_final_vs_dpo'), '.2f')} | "
+            f"{last.get('model_minus_ref_w', float('nan')):+.4f} | {last.get('model_minus_ref_l', float('nan')):+.4f} | "
+            f"{last.get('noise_std_w', float('nan')):.2f} / {last.get('noise_std_l', float('nan')):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------- main
 def main(args):
     import torch
@@ -862,6 +887,8 @@ def main(args):
     results["grid_size"] = sample_grid(grid_rows, grid_labels, os.path.join(work, f"samples_grid{suffix}.png"))
     with open(os.path.join(work, f"results{suffix}.json"), "w") as f:
         json.dump(results, f, indent=1)
+    with open(os.path.join(work, f"results{suffix}.md"), "w") as f:
+        f.write(markdown_table(results))
     print_table(results)
     print(f"\ntimes: base {timings['base_s']:.0f} s ({'cached' if timings['base_cached'] else 'trained'}), "
           f"data {timings['data_s']:.0f} s, training {timings['train_s']:.0f} s, evaluation {timings['eval_s']:.0f} s, "
