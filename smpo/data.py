@@ -113,8 +113,19 @@ def _load_image_folder(folder):
     return datasets.Dataset.from_list(rows)
 
 
-def check_columns(column_names, caption_column, loss_type):
-    """Raise a PreferenceDataError naming what is missing and how to fix it."""
+def uses_reward_scores(labels):
+    """True when ``labels`` (an objective's ``labels``, or a loss type name) means reward-score labels."""
+    return labels in ("reward", "smpo")
+
+
+def check_columns(column_names, caption_column, labels, loss_type=None):
+    """Raise a PreferenceDataError naming what is missing and how to fix it.
+
+    ``labels``: ``"reward"`` (the reward scores order the pair) or ``"human"`` (``label_0`` does); the
+    loss type names ``"smpo"`` / ``"dpo"`` / ``"sft"`` are accepted for them. ``loss_type`` names the flag
+    value in the messages.
+    """
+    loss_type = loss_type or labels
     found = sorted(column_names)
     if caption_column not in column_names:
         raise PreferenceDataError(
@@ -127,43 +138,44 @@ def check_columns(column_names, caption_column, loss_type):
             f"image columns {missing} not found; the dataset has columns {found}. A preference dataset "
             "needs jpg_0 and jpg_1 (encoded images) as in Pick-a-Pic v2."
         )
-    if loss_type == "smpo" and not all(c in column_names for c in SCORE_COLUMNS):
+    if uses_reward_scores(labels) and not all(c in column_names for c in SCORE_COLUMNS):
         raise PreferenceDataError(
-            f"--loss_type smpo needs reward scores in columns {list(SCORE_COLUMNS)}; the dataset has "
+            f"--loss_type {loss_type} needs reward scores in columns {list(SCORE_COLUMNS)}; the dataset has "
             f"columns {found}. Run score_pairs.py on it first (python score_pairs.py --dataset_name ... "
             "--output_dir SCORED) and train on SCORED, or use --loss_type dpo for human labels."
         )
-    if loss_type in ("dpo", "sft") and LABEL_COLUMN not in column_names:
+    if not uses_reward_scores(labels) and LABEL_COLUMN not in column_names:
         raise PreferenceDataError(
             f"--loss_type {loss_type} needs the human label column '{LABEL_COLUMN}'; the dataset has "
             f"columns {found}."
         )
 
 
-def select_pairs(dataset, loss_type, max_train_samples=None, seed=None, drop_human_ties=False):
+def select_pairs(dataset, labels, max_train_samples=None, seed=None, drop_human_ties=False):
     """Row indices to train on, and the rows left out, by reason: ``{reason: [row, ...]}``.
 
-    dpo/sft: ties (label_0 = 0.5) carry no binary preference and are dropped.
-    smpo: pairs with a NaN/inf reward score are dropped; ties in the human label do not matter
+    ``labels`` as in :func:`check_columns`. Human labels (dpo, sft, ...): ties (label_0 = 0.5) carry no binary preference and are dropped.
+    Reward scores (smpo): pairs with a NaN/inf reward score are dropped; ties in the human label do not matter
     since the reward model decides, unless ``drop_human_ties`` (the authors' data selection) leaves
     them out too. ``max_train_samples`` keeps a seeded random subset, like the diffusers scripts.
     """
     num_rows = len(dataset)
     keep = np.ones(num_rows, dtype=bool)
     dropped = {}
-    if loss_type == "smpo":
+    reward = uses_reward_scores(labels)
+    if reward:
         scores = np.stack([np.asarray(dataset[c], dtype=np.float64) for c in SCORE_COLUMNS], axis=1)
         bad = ~np.isfinite(scores).all(axis=1)
         dropped["non-finite reward score"] = np.flatnonzero(bad).tolist()
         keep &= ~bad
-    if loss_type == "smpo" and drop_human_ties:
+    if reward and drop_human_ties:
         if LABEL_COLUMN not in dataset.column_names:
             raise PreferenceDataError(f"--drop_human_ties needs the human label column '{LABEL_COLUMN}'; the "
                                       f"dataset has {dataset.column_names}")
         tie = np.asarray(dataset[LABEL_COLUMN], dtype=np.float64) == 0.5
         dropped["human tie (label_0 = 0.5, --drop_human_ties)"] = np.flatnonzero(tie & keep).tolist()
         keep &= ~tie
-    elif loss_type != "smpo":
+    elif not reward:
         labels = np.asarray(dataset[LABEL_COLUMN], dtype=np.float64)
         tie = labels == 0.5
         invalid = ~(tie | (labels == 0) | (labels == 1))
@@ -257,24 +269,23 @@ class PreferenceCollator:
     ``weight`` (B,): the smoothed preference weight (smpo) or 1 (dpo, sft); ``rows`` (B,).
     With a ``latent_cache``, ``latent_mean`` and ``latent_std`` (2B, C, h, w) replace ``pixel_values``.
 
-    smpo: the reward scores choose the winner and weight (``smpo.labels.preference_weight``).
-    dpo / sft: the human label chooses the winner (ties were removed by ``select_pairs``).
-    A pair with an unreadable image is dropped whole and logged with its row, and listed in
-    ``bad_rows`` (a batch with no readable pair holds only ``bad_rows``). The list travels with the
-    batch, so it reaches the training loop from DataLoader worker processes too.
+    ``labels`` as in :func:`check_columns`: reward scores choose the winner and weight
+    (``smpo.labels.preference_weight``), or the human label chooses the winner (ties were removed by
+    ``select_pairs``). A pair with an unreadable image is dropped whole and logged with its row, and
+    listed in the batch's ``bad_rows`` (a batch with no readable pair holds only ``bad_rows``): the list
+    travels with the batch, so it reaches the training loop from DataLoader worker processes too.
     """
 
-    def __init__(self, transform, loss_type, caption_column="caption", temperature=DEFAULT_TEMPERATURE,
+    def __init__(self, transform, labels, caption_column="caption", temperature=DEFAULT_TEMPERATURE,
                  gamma=DEFAULT_GAMMA, proportion_empty_prompts=0.0, seed=0, latent_cache=None):
-        self.transform, self.loss_type, self.caption_column = transform, loss_type, caption_column
+        self.transform, self.labels, self.caption_column = transform, labels, caption_column
         self.temperature, self.gamma = temperature, gamma
         self.proportion_empty_prompts, self.seed = proportion_empty_prompts, seed
         self.latent_cache = latent_cache  # smpo.cache.LatentCache: cached latents instead of images
         self.epoch = 0
-        self.bad_rows = []
 
     def winner_and_weight(self, examples):
-        if self.loss_type == "smpo":
+        if uses_reward_scores(self.labels):
             score_0 = torch.tensor([float(e[SCORE_COLUMNS[0]]) for e in examples])
             score_1 = torch.tensor([float(e[SCORE_COLUMNS[1]]) for e in examples])
             return preference_weight(score_0, score_1, self.temperature, self.gamma)
@@ -288,7 +299,8 @@ class PreferenceCollator:
             return [((mean[k], std[k]), tuple(sizes[k].tolist()), tuple(crops[k].tolist())) for k in (0, 1)]
         return self.transform([open_image(example[c]) for c in IMAGE_COLUMNS], rng)
 
-    def __call__(self, examples):
+    def load_pairs(self, examples):
+        """([(example, pair, rng), ...] of the readable pairs, [rows of the unreadable ones]), in order."""
         loaded, bad_rows = [], []
         for e in examples:
             rng = random.Random(f"{self.seed}-{self.epoch}-{e['row']}")
@@ -296,8 +308,11 @@ class PreferenceCollator:
                 loaded.append((e, self.load_pair(e, rng), rng))
             except Exception as err:  # noqa: BLE001 - any decoding failure drops the whole pair
                 bad_rows.append(e["row"])
-                self.bad_rows.append(e["row"])
                 logger.warning("dropping pair at row %d: unreadable image (%s)", e["row"], err)
+        return loaded, bad_rows
+
+    def __call__(self, examples):
+        loaded, bad_rows = self.load_pairs(examples)
         if not loaded:
             return {"bad_rows": bad_rows}
         examples = [e for e, _, _ in loaded]
