@@ -9,7 +9,7 @@ SmPO = Diffusion-DPO with reward-smoothed per-pair weights (--loss_type smpo) an
 from ReNoise inversion (--noise_source renoise, smpo's default). --loss_type dpo (or sigmoid) is
 Diffusion-DPO, with forward noise by default. The step is smpo.step.training_step; this file holds
 what is specific to SD (one CLIP text encoder whose last hidden state conditions the UNet) and the
-composition: which flags defaults, objectives and noise sources the run uses. To try your own
+composition: which flag defaults, objectives and noise sources the run uses. To try your own
 objective or noise, copy this file and add it to OBJECTIVES / NOISE_SOURCES below
 (examples/custom_objective.py does).
 """

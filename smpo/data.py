@@ -118,13 +118,14 @@ def uses_reward_scores(labels):
     return labels in ("reward", "smpo")
 
 
-def check_columns(column_names, caption_column, labels, loss_type=None):
+def check_columns(column_names, caption_column, labels=None, loss_type=None):
     """Raise a PreferenceDataError naming what is missing and how to fix it.
 
-    ``labels``: ``"reward"`` (the reward scores order the pair) or ``"human"`` (``label_0`` does); the
-    loss type names ``"smpo"`` / ``"dpo"`` / ``"sft"`` are accepted for them. ``loss_type`` names the flag
-    value in the messages.
+    ``labels``: ``"reward"`` (the reward scores order the pair), ``"human"`` (``label_0`` does) or None
+    (captions and images only, as score_pairs.py needs); the loss type names ``"smpo"`` / ``"dpo"`` /
+    ``"sft"`` are accepted for them. ``loss_type`` names the flag value in the messages.
     """
+    labels = labels or loss_type
     loss_type = loss_type or labels
     found = sorted(column_names)
     if caption_column not in column_names:
@@ -144,7 +145,7 @@ def check_columns(column_names, caption_column, labels, loss_type=None):
             f"columns {found}. Run score_pairs.py on it first (python score_pairs.py --dataset_name ... "
             "--output_dir SCORED) and train on SCORED, or use --loss_type dpo for human labels."
         )
-    if not uses_reward_scores(labels) and LABEL_COLUMN not in column_names:
+    if labels is not None and not uses_reward_scores(labels) and LABEL_COLUMN not in column_names:
         raise PreferenceDataError(
             f"--loss_type {loss_type} needs the human label column '{LABEL_COLUMN}'; the dataset has "
             f"columns {found}."
