@@ -9,9 +9,20 @@ import pytest
 from conftest import ROOT, run_script
 
 
-def readme_commands():
+def readme_commands(*docs):
+    """The ```bash blocks of README.md, then of the given docs/ files."""
+    found = []
+    for name in ("README.md", *(os.path.join("docs", d) for d in docs)):
+        text = open(os.path.join(ROOT, name), encoding="utf-8").read()
+        found += re.findall(r"```bash\n(.*?)\n```", text, flags=re.S)
+    return found
+
+
+def test_readme_is_short_and_links_the_docs():
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    return re.findall(r"```bash\n(.*?)\n```", text, flags=re.S)
+    assert len(text.splitlines()) <= 240
+    for link in re.findall(r"\]\((docs/[^)#]+)", text):
+        assert os.path.exists(os.path.join(ROOT, link)), link
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
@@ -48,7 +59,7 @@ def test_readme_sdxl_quickstart_command_runs(quickstart_dir):
 
 
 def test_readme_evaluate_command_runs(quickstart_dir):
-    command = next(c for c in readme_commands() if "evaluate.py" in c and "tiny-sd" in c)
+    command = next(c for c in readme_commands("evaluation.md") if "evaluate.py" in c and "tiny-sd" in c)
     command = command.replace(".venv/bin/python evaluate.py", f"{sys.executable} {os.path.join(ROOT, 'evaluate.py')}")
     run_script(["bash", "-c", command], cwd=quickstart_dir)
     results = json.loads((quickstart_dir / "smpo-quickstart" / "eval" / "results.json").read_text())
