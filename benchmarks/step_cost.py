@@ -40,6 +40,7 @@ CONFIGS = {"smpo": ("smpo", "renoise"), "smpo-forward": ("smpo", "forward"), "dp
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny assets built on the fly, CPU, few steps")
+    p.add_argument("--assets", default=None, help="with --quick: reuse this examples/make_tiny_assets.py output")
     p.add_argument("--pretrained_model_name_or_path", default=None)
     p.add_argument("--sdxl", action="store_true", help="use the SDXL script's conditioning")
     p.add_argument("--dataset_name", default=None, help="a scored preference dataset (default: the tiny one)")
@@ -179,11 +180,14 @@ def quick_assets(args):
     """--quick: build the tiny assets and score them, like the quick start."""
     work = tempfile.mkdtemp(prefix="smpo-bench-")
     run = lambda *cmd: subprocess.run([sys.executable, *cmd], check=True, cwd=ROOT, capture_output=True)  # noqa: E731
-    run("examples/make_tiny_assets.py", work)
-    run("score_pairs.py", "--dataset_name", f"{work}/tiny-pickapic", "--reward_model_name_or_path",
-        f"{work}/tiny-reward", "--output_dir", f"{work}/scored", "--device", "cpu")
-    args.pretrained_model_name_or_path = f"{work}/tiny-{'sdxl' if args.sdxl else 'sd'}"
-    args.dataset_name = f"{work}/scored"
+    assets = args.assets or work
+    if args.assets is None:
+        run("examples/make_tiny_assets.py", work)
+    if args.dataset_name is None:
+        run("score_pairs.py", "--dataset_name", f"{assets}/tiny-pickapic", "--reward_model_name_or_path",
+            f"{assets}/tiny-reward", "--output_dir", f"{work}/scored", "--device", "cpu")
+        args.dataset_name = f"{work}/scored"
+    args.pretrained_model_name_or_path = f"{assets}/tiny-{'sdxl' if args.sdxl else 'sd'}"
     args.device, args.warmup_steps = "cpu", 2
     args.steps = args.steps or 15
 

@@ -91,7 +91,8 @@ def test_diffusers_dpo_readme_command_trains_diffusion_dpo_with_forward_noise(ti
     for old, new in changes.items():
         assert old in command, old
         command = command.replace(old, new)
-    run_script(["bash", "-c", command], cwd=tmp_path)
+    proc = run_script(["bash", "-c", command], cwd=tmp_path)
+    assert "dropped 1 tie" in proc.stderr  # human labels: the tie (row 2) has no binary preference
     out = tmp_path / "diffusion-dpo"
     context, steps = metrics(out)
     assert context["loss_type"] == "dpo" and context["noise_source"] == "forward"

@@ -33,9 +33,14 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 
 @pytest.fixture(scope="module")
-def quickstart_dir(tmp_path_factory):
-    """A work folder laid out like the repository root after the quick start ran."""
+def quickstart_dir(tmp_path_factory, tiny_assets, scored_dataset):
+    """A work folder laid out like the repository root after the quick start ran (on the session's assets:
+    the quick start skips building and scoring what is already there)."""
+    import shutil
+
     work = tmp_path_factory.mktemp("readme")
+    shutil.copytree(tiny_assets, work / "smpo-quickstart" / "assets")
+    shutil.copytree(scored_dataset, work / "smpo-quickstart" / "pairs-scored")
     run_script(["bash", os.path.join(ROOT, "examples", "quickstart.sh"), str(work / "smpo-quickstart")])
     return work
 
