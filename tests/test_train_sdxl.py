@@ -87,7 +87,8 @@ def test_lora_run_on_uneven_pairs_loads_into_sdxl_pipeline_and_changes_images(ti
     pipe.load_lora_weights(out)
     assert np.abs(generate(pipe) - base).max() > 1e-4
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(logged) == 3 and all(np.isfinite(m["loss"]) for m in logged)
+    assert "context" in logged[0]  # then one line per step
+    assert len(logged) == 1 + 3 and all(np.isfinite(m["loss"]) for m in logged[1:])
 
 
 def test_full_run_with_validation_saves_a_loadable_pipeline_and_a_grid(tiny_assets, scored_dataset, tmp_path):
