@@ -120,18 +120,17 @@ def straight(tiny_assets, scored_dataset, tmp_path_factory):
     return out
 
 
-def test_a_nan_loss_skips_its_update_and_training_goes_on(tiny_assets, scored_dataset, straight, tmp_path):
-    train(tiny_assets, scored_dataset, tmp_path / "nan", env={"SMPO_TEST_NAN_LOSS_AT_STEPS": "2"}, steps=2)
-    assert summary(tmp_path / "nan")["skipped_nonfinite_steps"] == [2]
-    assert [m["skipped_update"] for m in metrics(tmp_path / "nan")] == [0, 1]
-    # the skipped step changed nothing: the weights are those after step 1
-    assert max_diff(tmp_path / "nan", straight / "checkpoint-1") == 0
-
-
-def test_non_finite_losses_in_a_row_stop_the_run(tiny_assets, scored_dataset, tmp_path):
-    proc = train(tiny_assets, scored_dataset, tmp_path / "x", "--max_nonfinite_steps", 2,
-                 env={"SMPO_TEST_NAN_LOSS_AT_STEPS": "2,3"}, steps=4, check=False)
-    assert proc.returncode != 0 and "non-finite loss" in proc.stderr and "steps [2, 3]" in proc.stderr
+def test_a_nan_loss_skips_its_update_and_too_many_in_a_row_stop_the_run(tiny_assets, scored_dataset, straight,
+                                                                         tmp_path):
+    """NaN losses at steps 2, 4 and 5 with --max_nonfinite_steps 2: step 2 is skipped and training goes on (step 3
+    resets the count), steps 4 and 5 in a row stop the run."""
+    out = tmp_path / "nan"
+    proc = train(tiny_assets, scored_dataset, out, "--max_nonfinite_steps", 2, "--checkpointing_steps", 2,
+                 env={"SMPO_TEST_NAN_LOSS_AT_STEPS": "2,4,5"}, steps=7, check=False)
+    assert proc.returncode != 0 and "non-finite loss" in proc.stderr and "steps [4, 5]" in proc.stderr
+    assert [m["skipped_update"] for m in metrics(out)] == [0, 1, 0, 1]  # the run stops before logging step 5
+    # the skipped step 2 changed nothing: checkpoint-2 holds the weights after step 1
+    assert max_diff(out / "checkpoint-2", straight / "checkpoint-1") == 0
 
 
 def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(tiny_assets, scored_dataset, straight,
