@@ -6,19 +6,25 @@
       --dataset_name SCORED_PAIRS --output_dir smpo-sd15-lora --mixed_precision fp16 --use_8bit_adam
 
 SmPO = Diffusion-DPO with reward-smoothed per-pair weights (--loss_type smpo) and training noise
-from ReNoise inversion (--noise_source renoise). --loss_type dpo --noise_source forward is
-Diffusion-DPO. The algorithm is smpo.training.smpo_loss; this file holds what is specific to SD:
-one CLIP text encoder whose last hidden state conditions the UNet.
+from ReNoise inversion (--noise_source renoise, smpo's default). --loss_type dpo (or sigmoid) is
+Diffusion-DPO, with forward noise by default. The step is smpo.step.training_step; this file holds
+what is specific to SD (one CLIP text encoder whose last hidden state conditions the UNet) and the
+composition: which flag defaults, objectives and noise sources the run uses. To try your own
+objective or noise, copy this file and add it to OBJECTIVES / NOISE_SOURCES below
+(examples/custom_objective.py does).
 """
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from smpo import training
+from smpo import flags, training
+from smpo.conditioning import Conditioning
+from smpo.noise_sources import NOISE_SOURCES
+from smpo.objectives import OBJECTIVES
 
 
-class SDConditioning:
+class SDConditioning(Conditioning):
     """Captions -> ``encoder_hidden_states`` with SD's single CLIP text encoder (frozen)."""
 
     pipeline_class = StableDiffusionPipeline
@@ -51,23 +57,17 @@ class SDConditioning:
         return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
                                              revision=args.revision, variant=args.variant)
 
-    @staticmethod
-    def vae_dtype(args, weight_dtype):
-        return weight_dtype  # the SD 1.x/2.x VAE is fp16-safe
-
-    def pipeline_from_pretrained(self, args, unet, torch_dtype=None):
-        return self.pipeline_class.from_pretrained(args.pretrained_model_name_or_path, unet=unet,
-                                                   revision=args.revision, variant=args.variant,
-                                                   torch_dtype=torch_dtype)
-
 
 def parse_args(argv=None):
-    parser = training.build_parser(__doc__, resolution=512, num_inversion_steps=5, beta_dpo=2000.0)
-    return training.finish_args(parser.parse_args(argv))
+    parser = flags.build_parser(__doc__, resolution=512, beta_dpo=2000.0, num_inversion_steps=5,
+                                inversion_schedule="exact", inversion_model="policy",
+                                objectives=OBJECTIVES, noise_sources=NOISE_SOURCES)
+    return flags.finish_args(parser.parse_args(argv), OBJECTIVES)
 
 
 def main(args):
-    training.train(args, SDConditioning)
+    training.train(args, SDConditioning, objective=OBJECTIVES[args.loss_type],
+                   noise_source=NOISE_SOURCES[args.noise_source])
 
 
 if __name__ == "__main__":

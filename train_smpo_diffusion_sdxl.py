@@ -7,21 +7,25 @@
       --dataset_name SCORED_PAIRS --output_dir smpo-sdxl-lora \\
       --mixed_precision fp16 --use_8bit_adam --gradient_checkpointing
 
-Same flags, outputs and checkpoints as train_smpo_diffusion.py; the algorithm is
-smpo.training.smpo_loss. What is specific to SDXL lives here: two text encoders (penultimate
-hidden states concatenated, pooled output of the second) and micro-conditioning time ids computed
-per image from its own original size and crop, used for training and inside the ReNoise
-inversion alike. The VAE runs in fp32 unless an fp16-safe VAE is given.
+Same flags, outputs and checkpoints as train_smpo_diffusion.py, plus --pretrained_vae_model_name_or_path
+and --is_turbo; the step is smpo.step.training_step. What is specific to SDXL lives here: two text
+encoders (penultimate hidden states concatenated, pooled output of the second), micro-conditioning
+time ids computed per image from its own original size and crop (used for training and inside the
+ReNoise inversion alike), SDXL-Turbo's four timesteps, and the VAE in fp32 unless an fp16-safe VAE
+is given.
 """
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from smpo import training
+from smpo import flags, training
+from smpo.conditioning import Conditioning
+from smpo.noise_sources import NOISE_SOURCES
+from smpo.objectives import OBJECTIVES
 
 
-class SDXLConditioning:
+class SDXLConditioning(Conditioning):
     """Captions, original sizes and crops -> SDXL UNet kwargs (text embeddings and time ids)."""
 
     pipeline_class = StableDiffusionXLPipeline
@@ -37,7 +41,7 @@ class SDXLConditioning:
         ]
         for encoder in self.text_encoders:
             encoder.requires_grad_(False).to(device, dtype=dtype)
-        self.resolution, self.device = args.resolution, device
+        self.resolution, self.device, self.is_turbo = args.resolution, device, args.is_turbo
         self.text_cache = None  # set by --cache_text_embeddings
 
     @torch.no_grad()
@@ -68,6 +72,11 @@ class SDXLConditioning:
                                   "time_ids": time_ids.to(prompt_embeds.dtype)},
         }
 
+    def sample_timesteps(self, num_pairs, num_train_timesteps, generator):
+        """Uniform over the schedule; SDXL-Turbo: its four timesteps 249, 499, 749, 999 (as the diffusers DPO script)."""
+        t = torch.randint(0, num_train_timesteps, (num_pairs,), generator=generator, device=generator.device)
+        return 250 * (t % 4) + 249 if self.is_turbo else t
+
     @staticmethod
     def load_vae(args):
         if args.pretrained_vae_model_name_or_path:
@@ -88,17 +97,20 @@ class SDXLConditioning:
 
 
 def parse_args(argv=None):
-    parser = training.build_parser(__doc__, resolution=1024, num_inversion_steps=10, beta_dpo=5000.0)
+    parser = flags.build_parser(__doc__, resolution=1024, beta_dpo=5000.0, num_inversion_steps=10,
+                                inversion_schedule="exact", inversion_model="policy",
+                                objectives=OBJECTIVES, noise_sources=NOISE_SOURCES)
     parser.add_argument("--pretrained_vae_model_name_or_path", default=None,
                         help="An fp16-safe VAE such as madebyollin/sdxl-vae-fp16-fix (then it runs in the "
                              "mixed-precision dtype; otherwise the VAE runs in fp32).")
     parser.add_argument("--is_turbo", action="store_true",
                         help="SDXL-Turbo: train on its 4 timesteps (249, 499, 749, 999), as the diffusers DPO script.")
-    return training.finish_args(parser.parse_args(argv))
+    return flags.finish_args(parser.parse_args(argv), OBJECTIVES)
 
 
 def main(args):
-    training.train(args, SDXLConditioning)
+    training.train(args, SDXLConditioning, objective=OBJECTIVES[args.loss_type],
+                   noise_source=NOISE_SOURCES[args.noise_source])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
     python benchmarks/step_cost.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --resolution 512 --mixed_precision fp16 --use_8bit_adam --gradient_checkpointing   # on a GPU
 
-Runs the training step of smpo.training (the same code the scripts run) for three configurations
+Runs the training step of smpo.step (the same code the scripts run, set up by smpo.setup) for three configurations
 on the same model, batch and data, after warm-up, interleaving them round by round so machine
 noise hits all three alike:
 
@@ -40,6 +40,7 @@ CONFIGS = {"smpo": ("smpo", "renoise"), "smpo-forward": ("smpo", "forward"), "dp
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny assets built on the fly, CPU, few steps")
+    p.add_argument("--assets", default=None, help="with --quick: reuse this examples/make_tiny_assets.py output")
     p.add_argument("--pretrained_model_name_or_path", default=None)
     p.add_argument("--sdxl", action="store_true", help="use the SDXL script's conditioning")
     p.add_argument("--dataset_name", default=None, help="a scored preference dataset (default: the tiny one)")
@@ -101,18 +102,18 @@ class PeakHeap:
 class Setup:
     """One configuration: its own LoRA (or full) UNet and optimizer on shared frozen parts."""
 
-    def __init__(self, name, args, script, conditioning, vae, noise_schedule, batch):
-        from smpo import training
+    def __init__(self, name, args, script, conditioning, vae, schedule, batch):
+        from smpo.setup import make_optimizer, setup_unets
+        from smpo.step import Models, make_reference
 
         loss_type, noise_source = CONFIGS[name]
         self.args = script.parse_args(self.flags(args, loss_type, noise_source))
-        unet, self.reference_unet = training.setup_unets(self.args, args.device, self.weight_dtype(args))
+        self.objective, self.noise_source = script.OBJECTIVES[loss_type], script.NOISE_SOURCES[noise_source]
+        unet, reference_unet = setup_unets(self.args, args.device, self.weight_dtype(args))
         self.unet, self.name, self.batch = unet, name, batch
         self.params = [p for p in unet.parameters() if p.requires_grad]
-        self.optimizer = training.make_optimizer(self.args, self.params)
-        self.reference = training.make_reference(unet, self.reference_unet)
-        self.conditioning, self.vae = conditioning, vae
-        self.alphas_cumprod, self.prediction_type, self.steps_offset = noise_schedule
+        self.optimizer = make_optimizer(self.args, self.params)
+        self.models = Models(unet, make_reference(unet, reference_unet), vae, conditioning, schedule)
         self.generator = torch.Generator().manual_seed(args.seed)  # on the host, as in training
         self.calls = 0
         unet.register_forward_pre_hook(lambda _, inputs: setattr(self, "calls", self.calls + inputs[0].shape[0]))
@@ -137,12 +138,11 @@ class Setup:
         return flags + [flag for flag, on in switches.items() if on]
 
     def step(self):
-        from smpo import training
+        from smpo.step import training_step
 
         with self.autocast:
-            loss, _ = training.smpo_loss(self.args, self.batch, self.unet, self.reference, self.vae,
-                                         self.conditioning, self.alphas_cumprod, self.prediction_type, self.generator,
-                                         self.steps_offset)
+            loss, _ = training_step(self.args, self.batch, self.models, self.generator, self.objective,
+                                    self.noise_source)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -180,11 +180,14 @@ def quick_assets(args):
     """--quick: build the tiny assets and score them, like the quick start."""
     work = tempfile.mkdtemp(prefix="smpo-bench-")
     run = lambda *cmd: subprocess.run([sys.executable, *cmd], check=True, cwd=ROOT, capture_output=True)  # noqa: E731
-    run("examples/make_tiny_assets.py", work)
-    run("score_pairs.py", "--dataset_name", f"{work}/tiny-pickapic", "--reward_model_name_or_path",
-        f"{work}/tiny-reward", "--output_dir", f"{work}/scored", "--device", "cpu")
-    args.pretrained_model_name_or_path = f"{work}/tiny-{'sdxl' if args.sdxl else 'sd'}"
-    args.dataset_name = f"{work}/scored"
+    assets = args.assets or work
+    if args.assets is None:
+        run("examples/make_tiny_assets.py", work)
+    if args.dataset_name is None:
+        run("score_pairs.py", "--dataset_name", f"{assets}/tiny-pickapic", "--reward_model_name_or_path",
+            f"{assets}/tiny-reward", "--output_dir", f"{work}/scored", "--device", "cpu")
+        args.dataset_name = f"{work}/scored"
+    args.pretrained_model_name_or_path = f"{assets}/tiny-{'sdxl' if args.sdxl else 'sd'}"
     args.device, args.warmup_steps = "cpu", 2
     args.steps = args.steps or 15
 
@@ -201,18 +204,13 @@ def main(args):
     else:
         import train_smpo_diffusion as script
         conditioning_class = script.SDConditioning
-    from smpo import training
+    from smpo.setup import load_frozen_parts
 
     torch.manual_seed(args.seed)
     base_args = script.parse_args(Setup.flags(args, "smpo", "renoise"))
-    dtype = Setup.weight_dtype(args)
-    conditioning = conditioning_class(base_args, args.device, dtype)
-    vae = conditioning.load_vae(base_args).requires_grad_(False)
-    vae.to(args.device, dtype=conditioning.vae_dtype(base_args, dtype))
-    alphas_cumprod, prediction_type, steps_offset = training.load_noise_scheduler(base_args)
+    conditioning, vae, schedule = load_frozen_parts(base_args, conditioning_class, args.device, Setup.weight_dtype(args))
     batch = make_batch(args, script)
-    noise_schedule = (alphas_cumprod.to(args.device), prediction_type, steps_offset)
-    setups = [Setup(name, args, script, conditioning, vae, noise_schedule, batch) for name in CONFIGS]
+    setups = [Setup(name, args, script, conditioning, vae, schedule, batch) for name in CONFIGS]
 
     for _ in range(args.warmup_steps):
         for s in setups:

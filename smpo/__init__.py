@@ -6,18 +6,21 @@ The whole method lives in three pure functions:
   smoothed per-pair weight,
 - :func:`smpo.renoise.renoise_inversion` finds the noisy latent the model itself would pass
   through at timestep t (instead of random forward noise),
-- :func:`smpo.losses.preference_loss` is the weighted Diffusion-DPO objective.
+- :func:`smpo.losses.preference_loss` is the weighted Diffusion-DPO objective (with the diffusers
+  DPO variants ``hinge_loss`` and ``ipo_loss`` beside it).
 
-:mod:`smpo.data` loads and pairs the images; :mod:`smpo.training` is the loop both training
-scripts share, with :mod:`smpo.checkpoints` (save, resume, stop) and :mod:`smpo.cache` (latent and
-text-embedding caches). :mod:`smpo.rewards` scores images with a reward model, :mod:`smpo.sampling`
-samples a pipeline with the shared seed rule, :mod:`smpo.grid` draws captioned grids (the scripts
-score_pairs.py, evaluate.py and generate_pairs.py).
+:mod:`smpo.objectives` and :mod:`smpo.noise_sources` name them for ``--loss_type`` and
+``--noise_source``; :mod:`smpo.step` is one training step; :func:`smpo.training.train` runs the
+rest (see its module docstring for where each job lives). :mod:`smpo.data` loads and pairs the images.
+:mod:`smpo.rewards` scores images with a reward model, :mod:`smpo.sampling` samples a pipeline with
+the shared seed rule, :mod:`smpo.grid` draws captioned grids (for score_pairs.py, evaluate.py and
+generate_pairs.py).
 """
 
 from .labels import preference_weight
-from .losses import preference_loss, sft_loss
+from .losses import hinge_loss, ipo_loss, preference_loss, sft_loss
 from .renoise import forward_noise, renoise_inversion
 
-__all__ = ["preference_weight", "preference_loss", "sft_loss", "renoise_inversion", "forward_noise"]
-__version__ = "0.1.0"
+__all__ = ["preference_weight", "preference_loss", "hinge_loss", "ipo_loss", "sft_loss", "renoise_inversion",
+           "forward_noise"]
+__version__ = "0.2.0"

@@ -10,12 +10,9 @@ of everything they depend on, so a second run with the same data and model reuse
 
 import hashlib
 import json
-import logging
 import os
 
 import torch
-
-logger = logging.getLogger("smpo")
 
 
 def cache_folder(dataset, output_dir):
@@ -39,43 +36,30 @@ def cache_key(*parts):
 
 
 @torch.no_grad()
-def build_latent_cache(path, pairs, transform, vae, batch_size):
+def build_latent_cache(path, pairs, collator, vae, batch_size):
     """Encode both images of every pair of ``pairs`` (a PairDataset); write mean, std, sizes, crops.
 
-    A pair with an unreadable image is left out whole and listed under ``bad_rows``.
+    The pairs are read by the training collator's own ``load_pairs`` (the same decoding, transform and
+    bad-pair handling as training without the cache): a pair with an unreadable image is left out
+    whole and listed under ``bad_rows``.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from .data import IMAGE_COLUMNS, open_image
-
     means, stds, sizes, crops, rows, bad_rows = [], [], [], [], [], []
-    pending = []
-
-    def flush():
-        pixels = torch.stack([p for pair in pending for p, _, _ in pair])
+    per_call = max(1, batch_size // 2)  # pairs per VAE call: two images each
+    for start in tqdm(range(0, len(pairs), per_call), desc="caching latents"):
+        loaded, bad = collator.load_pairs([pairs[i] for i in range(start, min(start + per_call, len(pairs)))])
+        bad_rows.extend(bad)
+        if not loaded:
+            continue
+        pixels = torch.stack([p for _, pair, _ in loaded for p, _, _ in pair])
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         means.append(dist.mean.cpu().unflatten(0, (-1, 2)))
         stds.append(dist.std.cpu().unflatten(0, (-1, 2)))
-        pending.clear()
-
-    for i in tqdm(range(len(pairs)), desc="caching latents"):
-        example = pairs[i]
-        try:
-            images = [open_image(example[c]) for c in IMAGE_COLUMNS]
-        except Exception as err:  # noqa: BLE001 - a bad image drops its whole pair
-            logger.warning("dropping pair at row %d: unreadable image (%s)", example["row"], err)
-            bad_rows.append(example["row"])
-            continue
-        pair = transform(images, None)
-        pending.append(pair)
-        sizes.append([s for _, s, _ in pair])
-        crops.append([c for _, _, c in pair])
-        rows.append(example["row"])
-        if len(pending) * 2 >= batch_size:
-            flush()
-    if pending:
-        flush()
+        sizes.extend([s for _, s, _ in pair] for _, pair, _ in loaded)
+        crops.extend([c for _, _, c in pair] for _, pair, _ in loaded)
+        rows.extend(e["row"] for e, _, _ in loaded)
     if not rows:
         raise SystemExit("no readable pair to cache")
     tensors = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),

@@ -14,16 +14,10 @@ import shutil
 import signal
 
 import torch
+from accelerate.utils import extract_model_from_parallel as unwrap  # DDP / DeepSpeed / FSDP wrappers off
 
 logger = logging.getLogger("smpo")
 TMP_SUFFIX = ".tmp"
-
-
-def unwrap(model):
-    """The model without DDP / DeepSpeed (``.module``) or torch.compile (``._orig_mod``) wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
 
 
 def lora_state_dict(unet):
@@ -162,8 +156,8 @@ def _crash_here_if_asked(global_step):
 class StopSignal:
     """SIGTERM / SIGINT ask the run to save a checkpoint and stop at the end of the current step.
 
-    A second signal stops at once. With several processes, the request is shared (any process
-    that got it stops all of them at the same step).
+    A second signal stops at once. With several processes, the request is shared through
+    Accelerate's trigger (any process that got it stops all of them at the same step).
     """
 
     def __init__(self):
@@ -180,11 +174,12 @@ class StopSignal:
         logger.warning(f"got signal {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping")
 
     def requested(self, accelerator):
-        flag = torch.tensor([0 if self.signum is None else self.signum], device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.gather(flag).max()
-        signum = int(flag.max())
-        return signum or None
+        """The signal number when any process was asked to stop (SIGTERM for the processes that were not)."""
+        if self.signum is not None:
+            accelerator.set_trigger()
+        if accelerator.check_trigger():  # one collective; resets the trigger
+            return self.signum or signal.SIGTERM
+        return None
 
     def restore(self):
         for sig, handler in self._previous.items():

@@ -8,11 +8,8 @@ scripts, ``score_pairs.py`` and ``generate_pairs.py`` use this module, so every 
 project sees the same pairs.
 """
 
-import glob
 import io
-import json
 import logging
-import os
 import random
 
 import numpy as np
@@ -20,6 +17,7 @@ import torch
 from PIL import Image
 
 from .labels import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, preference_weight
+from .loading import PreferenceDataError, load_preference_dataset  # noqa: F401 (part of this API)
 
 logger = logging.getLogger(__name__)
 
@@ -28,95 +26,20 @@ LABEL_COLUMN = "label_0"
 SCORE_COLUMNS = ("reward_score_0", "reward_score_1")
 
 
-class PreferenceDataError(ValueError):
-    """The preference data cannot be trained on as given; the message says what to fix."""
+def uses_reward_scores(labels):
+    """True when ``labels`` (an objective's ``labels``, or a loss type name) means reward-score labels."""
+    return labels in ("reward", "smpo")
 
 
-# ----------------------------------------------------------------------------------- loading
-def load_preference_dataset(name_or_path, split="train", cache_dir=None):
-    """Load a preference dataset as a ``datasets.Dataset``.
+def check_columns(column_names, caption_column, labels=None, loss_type=None):
+    """Raise a PreferenceDataError naming what is missing and how to fix it.
 
-    ``name_or_path`` may be a hub dataset id, a ``save_to_disk`` folder (Dataset or DatasetDict),
-    a folder (or file) of parquet files, or a folder of image files with a ``metadata.jsonl``
-    whose lines hold ``caption``, ``image_0``, ``image_1`` (paths relative to the folder) and
-    ``label_0``; its images are read when a pair is used.
+    ``labels``: ``"reward"`` (the reward scores order the pair), ``"human"`` (``label_0`` does) or None
+    (captions and images only, as score_pairs.py needs); the loss type names ``"smpo"`` / ``"dpo"`` /
+    ``"sft"`` are accepted for them. ``loss_type`` names the flag value in the messages.
     """
-    return _undecoded_images(_load(name_or_path, split, cache_dir))
-
-
-def _undecoded_images(dataset):
-    """Keep image columns as bytes: decoding happens in open_image, where a bad image drops its pair."""
-    import datasets
-
-    for name, feature in dataset.features.items():
-        if isinstance(feature, datasets.Image) and feature.decode:
-            dataset = dataset.cast_column(name, datasets.Image(decode=False))
-    return dataset
-
-
-def _load(name_or_path, split, cache_dir):
-    import datasets
-
-    if os.path.isdir(name_or_path):
-        if os.path.exists(os.path.join(name_or_path, "metadata.jsonl")):
-            return _load_image_folder(name_or_path)
-        if any(os.path.exists(os.path.join(name_or_path, f)) for f in ("state.json", "dataset_dict.json")):
-            loaded = datasets.load_from_disk(name_or_path)
-            return _pick_split(loaded, split, name_or_path)
-        parquet = sorted(glob.glob(os.path.join(name_or_path, "**", "*.parquet"), recursive=True))
-        if parquet:
-            return datasets.load_dataset("parquet", data_files=parquet, split="train", cache_dir=cache_dir)
-        raise PreferenceDataError(
-            f"{name_or_path} is a folder but holds no metadata.jsonl, no save_to_disk dataset "
-            "(state.json / dataset_dict.json) and no parquet files."
-        )
-    if os.path.isfile(name_or_path) and name_or_path.endswith(".parquet"):
-        return datasets.load_dataset("parquet", data_files=[name_or_path], split="train", cache_dir=cache_dir)
-    return datasets.load_dataset(name_or_path, split=split, cache_dir=cache_dir)
-
-
-def _pick_split(loaded, split, where):
-    if isinstance(loaded, dict):  # DatasetDict
-        if split not in loaded:
-            raise PreferenceDataError(
-                f"{where} has splits {sorted(loaded)}, not '{split}': set --dataset_split_name."
-            )
-        return loaded[split]
-    return loaded
-
-
-def _load_image_folder(folder):
-    import datasets
-
-    folder = os.path.abspath(folder)
-    path = os.path.join(folder, "metadata.jsonl")
-    rows, first_keys = [], None
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PreferenceDataError(f"{path}, line {line_no}: not valid JSON ({e}).") from None
-            missing = [k for k in ("caption", "image_0", "image_1") if k not in row]
-            if missing:
-                raise PreferenceDataError(f"{path}, line {line_no}: missing keys {missing} (found {sorted(row)}).")
-            if rows and set(row) != first_keys:
-                raise PreferenceDataError(
-                    f"{path}, line {line_no}: keys {sorted(row)} differ from the first line's "
-                    f"{sorted(first_keys)}; every line needs the same keys.")
-            first_keys = first_keys or set(row)
-            row["jpg_0"] = os.path.join(folder, row.pop("image_0"))
-            row["jpg_1"] = os.path.join(folder, row.pop("image_1"))
-            rows.append(row)
-    if not rows:
-        raise PreferenceDataError(f"{path} holds no pairs.")
-    return datasets.Dataset.from_list(rows)
-
-
-def check_columns(column_names, caption_column, loss_type):
-    """Raise a PreferenceDataError naming what is missing and how to fix it."""
+    labels = labels or loss_type
+    loss_type = loss_type or labels
     found = sorted(column_names)
     if caption_column not in column_names:
         raise PreferenceDataError(
@@ -129,43 +52,44 @@ def check_columns(column_names, caption_column, loss_type):
             f"image columns {missing} not found; the dataset has columns {found}. A preference dataset "
             "needs jpg_0 and jpg_1 (encoded images) as in Pick-a-Pic v2."
         )
-    if loss_type == "smpo" and not all(c in column_names for c in SCORE_COLUMNS):
+    if uses_reward_scores(labels) and not all(c in column_names for c in SCORE_COLUMNS):
         raise PreferenceDataError(
-            f"--loss_type smpo needs reward scores in columns {list(SCORE_COLUMNS)}; the dataset has "
+            f"--loss_type {loss_type} needs reward scores in columns {list(SCORE_COLUMNS)}; the dataset has "
             f"columns {found}. Run score_pairs.py on it first (python score_pairs.py --dataset_name ... "
             "--output_dir SCORED) and train on SCORED, or use --loss_type dpo for human labels."
         )
-    if loss_type in ("dpo", "sft") and LABEL_COLUMN not in column_names:
+    if labels is not None and not uses_reward_scores(labels) and LABEL_COLUMN not in column_names:
         raise PreferenceDataError(
             f"--loss_type {loss_type} needs the human label column '{LABEL_COLUMN}'; the dataset has "
             f"columns {found}."
         )
 
 
-def select_pairs(dataset, loss_type, max_train_samples=None, seed=None, drop_human_ties=False):
+def select_pairs(dataset, labels, max_train_samples=None, seed=None, drop_human_ties=False):
     """Row indices to train on, and the rows left out, by reason: ``{reason: [row, ...]}``.
 
-    dpo/sft: ties (label_0 = 0.5) carry no binary preference and are dropped.
-    smpo: pairs with a NaN/inf reward score are dropped; ties in the human label do not matter
+    ``labels`` as in :func:`check_columns`. Human labels (dpo, sft, ...): ties (label_0 = 0.5) carry no binary preference and are dropped.
+    Reward scores (smpo): pairs with a NaN/inf reward score are dropped; ties in the human label do not matter
     since the reward model decides, unless ``drop_human_ties`` (the authors' data selection) leaves
     them out too. ``max_train_samples`` keeps a seeded random subset, like the diffusers scripts.
     """
     num_rows = len(dataset)
     keep = np.ones(num_rows, dtype=bool)
     dropped = {}
-    if loss_type == "smpo":
+    reward = uses_reward_scores(labels)
+    if reward:
         scores = np.stack([np.asarray(dataset[c], dtype=np.float64) for c in SCORE_COLUMNS], axis=1)
         bad = ~np.isfinite(scores).all(axis=1)
         dropped["non-finite reward score"] = np.flatnonzero(bad).tolist()
         keep &= ~bad
-    if loss_type == "smpo" and drop_human_ties:
+    if reward and drop_human_ties:
         if LABEL_COLUMN not in dataset.column_names:
             raise PreferenceDataError(f"--drop_human_ties needs the human label column '{LABEL_COLUMN}'; the "
                                       f"dataset has {dataset.column_names}")
         tie = np.asarray(dataset[LABEL_COLUMN], dtype=np.float64) == 0.5
         dropped["human tie (label_0 = 0.5, --drop_human_ties)"] = np.flatnonzero(tie & keep).tolist()
         keep &= ~tie
-    elif loss_type != "smpo":
+    elif not reward:
         labels = np.asarray(dataset[LABEL_COLUMN], dtype=np.float64)
         tie = labels == 0.5
         invalid = ~(tie | (labels == 0) | (labels == 1))
@@ -259,24 +183,23 @@ class PreferenceCollator:
     ``weight`` (B,): the smoothed preference weight (smpo) or 1 (dpo, sft); ``rows`` (B,).
     With a ``latent_cache``, ``latent_mean`` and ``latent_std`` (2B, C, h, w) replace ``pixel_values``.
 
-    smpo: the reward scores choose the winner and weight (``smpo.labels.preference_weight``).
-    dpo / sft: the human label chooses the winner (ties were removed by ``select_pairs``).
-    A pair with an unreadable image is dropped whole and logged with its row, and listed in
-    ``bad_rows`` (a batch with no readable pair holds only ``bad_rows``). The list travels with the
-    batch, so it reaches the training loop from DataLoader worker processes too.
+    ``labels`` as in :func:`check_columns`: reward scores choose the winner and weight
+    (``smpo.labels.preference_weight``), or the human label chooses the winner (ties were removed by
+    ``select_pairs``). A pair with an unreadable image is dropped whole and logged with its row, and
+    listed in the batch's ``bad_rows`` (a batch with no readable pair holds only ``bad_rows``): the list
+    travels with the batch, so it reaches the training loop from DataLoader worker processes too.
     """
 
-    def __init__(self, transform, loss_type, caption_column="caption", temperature=DEFAULT_TEMPERATURE,
+    def __init__(self, transform, labels, caption_column="caption", temperature=DEFAULT_TEMPERATURE,
                  gamma=DEFAULT_GAMMA, proportion_empty_prompts=0.0, seed=0, latent_cache=None):
-        self.transform, self.loss_type, self.caption_column = transform, loss_type, caption_column
+        self.transform, self.labels, self.caption_column = transform, labels, caption_column
         self.temperature, self.gamma = temperature, gamma
         self.proportion_empty_prompts, self.seed = proportion_empty_prompts, seed
         self.latent_cache = latent_cache  # smpo.cache.LatentCache: cached latents instead of images
         self.epoch = 0
-        self.bad_rows = []
 
     def winner_and_weight(self, examples):
-        if self.loss_type == "smpo":
+        if uses_reward_scores(self.labels):
             score_0 = torch.tensor([float(e[SCORE_COLUMNS[0]]) for e in examples])
             score_1 = torch.tensor([float(e[SCORE_COLUMNS[1]]) for e in examples])
             return preference_weight(score_0, score_1, self.temperature, self.gamma)
@@ -290,7 +213,8 @@ class PreferenceCollator:
             return [((mean[k], std[k]), tuple(sizes[k].tolist()), tuple(crops[k].tolist())) for k in (0, 1)]
         return self.transform([open_image(example[c]) for c in IMAGE_COLUMNS], rng)
 
-    def __call__(self, examples):
+    def load_pairs(self, examples):
+        """([(example, pair, rng), ...] of the readable pairs, [rows of the unreadable ones]), in order."""
         loaded, bad_rows = [], []
         for e in examples:
             rng = random.Random(f"{self.seed}-{self.epoch}-{e['row']}")
@@ -298,8 +222,11 @@ class PreferenceCollator:
                 loaded.append((e, self.load_pair(e, rng), rng))
             except Exception as err:  # noqa: BLE001 - any decoding failure drops the whole pair
                 bad_rows.append(e["row"])
-                self.bad_rows.append(e["row"])
                 logger.warning("dropping pair at row %d: unreadable image (%s)", e["row"], err)
+        return loaded, bad_rows
+
+    def __call__(self, examples):
+        loaded, bad_rows = self.load_pairs(examples)
         if not loaded:
             return {"bad_rows": bad_rows}
         examples = [e for e, _, _ in loaded]

@@ -46,6 +46,38 @@ def preference_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, weight, beta
     return loss, implicit_acc
 
 
+def _logits(model_err_w, model_err_l, ref_err_w, ref_err_l, weight):
+    """weight * ((r_w - r_l) - (m_w - m_l)): the diffusers DPO scripts' ``logits`` (ref_diff - model_diff), weighted."""
+    return weight * ((ref_err_w - ref_err_l) - (model_err_w - model_err_l))
+
+
+def _implicit_acc(inside):
+    with torch.no_grad():
+        return (inside > 0).float().mean() + 0.5 * (inside == 0).float().mean()
+
+
+def hinge_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, weight, beta):
+    """The diffusers SD DPO script's ``hinge`` loss in our -0.5 * beta convention.
+
+    diffusers: ``relu(1 - B * logits)`` with ``logits = ref_diff - model_diff`` and its beta B; its B is
+    0.5 * beta here (method notes, section 7), so ``loss = mean(relu(1 - inside))`` with the same
+    ``inside = 0.5 * beta * weight * logits`` as :func:`preference_loss`. Returns (loss, implicit_acc).
+    """
+    inside = 0.5 * beta * _logits(model_err_w, model_err_l, ref_err_w, ref_err_l, weight)
+    return torch.relu(1.0 - inside).mean(), _implicit_acc(inside)
+
+
+def ipo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, weight, beta):
+    """The diffusers SD DPO script's ``ipo`` loss in our -0.5 * beta convention.
+
+    diffusers: ``(logits - 1 / (2 * B)) ** 2`` (the script spells B ``args.beta``, a flag it lacks; meant is
+    ``--beta_dpo``); with B = 0.5 * beta that is ``mean((weight * logits - 1 / beta) ** 2)``: the log-ratio
+    difference is pulled to the margin 1 / beta instead of to infinity. Returns (loss, implicit_acc).
+    """
+    logits = _logits(model_err_w, model_err_l, ref_err_w, ref_err_l, weight)
+    return (logits - 1.0 / beta).pow(2).mean(), _implicit_acc(logits)
+
+
 def sft_loss(model_err_w):
     """Supervised fine-tuning on the winners only: the plain denoising loss."""
     return model_err_w.mean()

@@ -447,7 +447,6 @@ def test_a_pair_with_an_unreadable_image_is_dropped_whole_and_the_rest_stay_alig
     collator = PreferenceCollator(fixed_transform(), "smpo", temperature=DEFAULT_TEMPERATURE, gamma=DEFAULT_GAMMA)
     batch = collator(examples)
     kept = [0, 3, 5]
-    assert collator.bad_rows == [1, 4]
     assert batch["bad_rows"] == [1, 4]  # travels with the batch (DataLoader workers)
     assert batch["rows"].tolist() == kept
     assert batch["captions"] == [pickapic[r]["caption"] for r in kept]
@@ -460,10 +459,9 @@ def test_a_pair_with_an_unreadable_image_is_dropped_whole_and_the_rest_stay_alig
         assert torch.equal(batch["pixel_values"][3 + i], expected_pixels(pickapic[row][loser])), row
         assert batch["weight"][i].item() == pytest.approx(
             10 * np.tanh(abs(gap) / (2 * DEFAULT_TEMPERATURE)), abs=1e-4), row
-    # bad rows keep accumulating across batches
+    # each batch names its own bad rows
     second = collator([{**examples[0], "row": 9, "jpg_0": b"\x00" * 10}, examples[2]])
     assert second["bad_rows"] == [9] and second["rows"].tolist() == [3]
-    assert collator.bad_rows == [1, 4, 9]
 
 
 def test_missing_image_file_drops_the_pair(tmp_path):
@@ -476,7 +474,7 @@ def test_missing_image_file_drops_the_pair(tmp_path):
     ds = load_preference_dataset(str(folder))
     collator = PreferenceCollator(fixed_transform(), "dpo")
     batch = collator(examples_of(ds, [0, 1]))
-    assert batch["captions"] == ["ok"] and batch["bad_rows"] == [1] and collator.bad_rows == [1]
+    assert batch["captions"] == ["ok"] and batch["bad_rows"] == [1]
 
 
 def test_a_batch_with_no_readable_pair_holds_only_its_bad_rows(pickapic):
@@ -485,7 +483,6 @@ def test_a_batch_with_no_readable_pair_holds_only_its_bad_rows(pickapic):
     examples[1]["jpg_1"] = b""
     collator = PreferenceCollator(fixed_transform(), "dpo")
     assert collator(examples) == {"bad_rows": [0, 1]}
-    assert collator.bad_rows == [0, 1]
 
 
 def test_proportion_empty_prompts(pickapic):

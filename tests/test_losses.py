@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from smpo.losses import denoising_error, denoising_target, preference_loss, sft_loss
+from smpo.losses import denoising_error, denoising_target, hinge_loss, ipo_loss, preference_loss, sft_loss
 
 
 def sd_alphas_cumprod():
@@ -210,3 +210,35 @@ def test_unknown_prediction_type_is_rejected():
     with pytest.raises(ValueError, match="sample"):
         denoising_target(torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2), torch.tensor([3]),
                          sd_alphas_cumprod(), "sample")
+
+
+# ------------------------------------------------------- the diffusers SD DPO script's hinge and ipo
+def test_hinge_and_ipo_match_hand_computed_values_for_three_pairs():
+    """The pairs of the first test: inside = -0.5 * beta * w * ((m_w - m_l) - (r_w - r_l)) = [-0.1, +0.1, -0.4]."""
+    beta = 2.0
+    args = (f64([0.30, 0.10, 0.50]), f64([0.20, 0.40, 0.50]), f64([0.25, 0.20, 0.40]), f64([0.25, 0.30, 0.60]),
+            f64([1.0, 0.5, 2.0]), beta)
+    loss, acc = hinge_loss(*args)
+    assert loss.item() == pytest.approx((1.1 + 0.9 + 1.4) / 3, rel=1e-12)  # relu(1 - inside)
+    assert acc.item() == pytest.approx(1 / 3)
+    # ipo: logits = w * ((r_w - r_l) - (m_w - m_l)) = [-0.1, +0.1, -0.4], margin 1 / beta = 0.5
+    loss, acc = ipo_loss(*args)
+    assert loss.item() == pytest.approx((0.6 ** 2 + 0.4 ** 2 + 0.9 ** 2) / 3, rel=1e-12)
+    assert acc.item() == pytest.approx(1 / 3)
+
+
+def test_sigmoid_hinge_and_ipo_equal_the_diffusers_formulas_with_half_our_beta():
+    """diffusers (SD script): logits = ref_diff - model_diff; sigmoid -logsigmoid(B logits), hinge relu(1 - B logits),
+    ipo (logits - 1 / (2 B))^2. Its B is 0.5 * beta here (our -0.5 * beta convention)."""
+    torch.manual_seed(0)
+    m_w, m_l, r_w, r_l = (torch.rand(6, dtype=torch.float64) for _ in range(4))
+    beta = 2000.0
+    B = beta / 2
+    logits = (r_w - r_l) - (m_w - m_l)
+    ones = torch.ones(6, dtype=torch.float64)
+    assert preference_loss(m_w, m_l, r_w, r_l, ones, beta)[0].item() == pytest.approx(
+        (-F.logsigmoid(B * logits)).mean().item(), rel=1e-12)
+    assert hinge_loss(m_w, m_l, r_w, r_l, ones, beta)[0].item() == pytest.approx(
+        torch.relu(1 - B * logits).mean().item(), rel=1e-12)
+    assert ipo_loss(m_w, m_l, r_w, r_l, ones, beta)[0].item() == pytest.approx(
+        ((logits - 1 / (2 * B)) ** 2).mean().item(), rel=1e-12)

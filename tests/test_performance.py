@@ -64,11 +64,14 @@ def test_inversion_with_the_reference_model_differs_once_the_policy_moves(tiny_a
     assert ref[1:] != policy[1:]  # later the inverted trajectories differ
 
 
-def test_step_cost_benchmark_quick_prints_the_table():
-    proc = run_script([sys.executable, os.path.join(ROOT, "benchmarks", "step_cost.py"), "--quick", "--steps", "2"])
+def test_step_cost_benchmark_quick_prints_the_table(tiny_assets, scored_dataset):
+    proc = run_script([sys.executable, os.path.join(ROOT, "benchmarks", "step_cost.py"), "--quick", "--steps", "2",
+                       "--assets", str(tiny_assets), "--dataset_name", str(scored_dataset)])
     rows = {m.group(1): m.groups()[1:] for m in
             re.finditer(r"^(smpo|smpo-forward|dpo)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", proc.stdout, re.M)}
     assert set(rows) == {"smpo", "smpo-forward", "dpo"}
-    assert float(rows["dpo"][2]) == 2.0 and float(rows["smpo-forward"][2]) == 2.0  # policy + reference
-    assert 2.0 + 2 <= float(rows["smpo"][2]) <= 2.0 + 5 * 2  # + K * (R + 1) at most
+    # UNet image-forwards per step for 1 pair (2 images): policy 2 + reference 2; SmPO adds K * (R + 1) per image at
+    # most (K = 5, R = 1), and at least one inversion step
+    assert float(rows["dpo"][2]) == 4.0 and float(rows["smpo-forward"][2]) == 4.0
+    assert 4.0 + 2 * 2 <= float(rows["smpo"][2]) <= 4.0 + 5 * 2 * 2
     assert float(rows["dpo"][1]) == 1.0

@@ -9,9 +9,20 @@ import pytest
 from conftest import ROOT, run_script
 
 
-def readme_commands():
+def readme_commands(*docs):
+    """The ```bash blocks of README.md, then of the given docs/ files."""
+    found = []
+    for name in ("README.md", *(os.path.join("docs", d) for d in docs)):
+        text = open(os.path.join(ROOT, name), encoding="utf-8").read()
+        found += re.findall(r"```bash\n(.*?)\n```", text, flags=re.S)
+    return found
+
+
+def test_readme_is_short_and_links_the_docs():
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    return re.findall(r"```bash\n(.*?)\n```", text, flags=re.S)
+    assert len(text.splitlines()) <= 240
+    for link in re.findall(r"\]\((docs/[^)#]+)", text):
+        assert os.path.exists(os.path.join(ROOT, link)), link
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
@@ -22,9 +33,14 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 
 @pytest.fixture(scope="module")
-def quickstart_dir(tmp_path_factory):
-    """A work folder laid out like the repository root after the quick start ran."""
+def quickstart_dir(tmp_path_factory, tiny_assets, scored_dataset):
+    """A work folder laid out like the repository root after the quick start ran (on the session's assets:
+    the quick start skips building and scoring what is already there)."""
+    import shutil
+
     work = tmp_path_factory.mktemp("readme")
+    shutil.copytree(tiny_assets, work / "smpo-quickstart" / "assets")
+    shutil.copytree(scored_dataset, work / "smpo-quickstart" / "pairs-scored")
     run_script(["bash", os.path.join(ROOT, "examples", "quickstart.sh"), str(work / "smpo-quickstart")])
     return work
 
@@ -48,7 +64,7 @@ def test_readme_sdxl_quickstart_command_runs(quickstart_dir):
 
 
 def test_readme_evaluate_command_runs(quickstart_dir):
-    command = next(c for c in readme_commands() if "evaluate.py" in c and "tiny-sd" in c)
+    command = next(c for c in readme_commands("evaluation.md") if "evaluate.py" in c and "tiny-sd" in c)
     command = command.replace(".venv/bin/python evaluate.py", f"{sys.executable} {os.path.join(ROOT, 'evaluate.py')}")
     run_script(["bash", "-c", command], cwd=quickstart_dir)
     results = json.loads((quickstart_dir / "smpo-quickstart" / "eval" / "results.json").read_text())
@@ -92,7 +108,7 @@ def test_paper_scripts_reproduce_the_authors_inversion_and_data(script, k):
 
 def test_readme_generate_train_evaluate_commands_run(quickstart_dir):
     """The tiny-model version of the README's three-command path: generate_pairs.py, train, evaluate."""
-    command = next(c for c in readme_commands() if "generate_pairs.py" in c and "tiny-sd" in c)
+    command = next(c for c in readme_commands("generate_pairs.md") if "generate_pairs.py" in c and "tiny-sd" in c)
     for script in ("generate_pairs.py", "evaluate.py"):
         command = command.replace(f".venv/bin/python {script}", f"{sys.executable} {os.path.join(ROOT, script)}")
     command = command.replace('PATH="$PWD/.venv/bin:$PATH"', f'PATH="{os.path.dirname(sys.executable)}:$PATH"')

@@ -112,33 +112,42 @@ def test_too_many_bad_pairs_stop_the_run_with_a_clear_message(tiny_assets, dirty
     assert "--max_bad_pair_fraction" in proc.stderr and "unreadable" in proc.stderr
 
 
-def test_a_nan_loss_skips_its_update_and_training_goes_on(tiny_assets, scored_dataset, tmp_path):
-    train(tiny_assets, scored_dataset, tmp_path / "nan", env={"SMPO_TEST_NAN_LOSS_AT_STEPS": "2"}, steps=2)
-    train(tiny_assets, scored_dataset, tmp_path / "one", steps=1)
-    assert summary(tmp_path / "nan")["skipped_nonfinite_steps"] == [2]
-    assert [m["skipped_update"] for m in metrics(tmp_path / "nan")] == [0, 1]
-    # the skipped step changed nothing: the weights are those after step 1
-    assert max_diff(tmp_path / "nan", tmp_path / "one") == 0
+@pytest.fixture(scope="module")
+def straight(tiny_assets, scored_dataset, tmp_path_factory):
+    """One uninterrupted 7-step LoRA run (a checkpoint after every step) that the other runs are compared with."""
+    out = tmp_path_factory.mktemp("straight") / "straight"
+    train(tiny_assets, scored_dataset, out, "--checkpointing_steps", 1, steps=7)
+    return out
 
 
-def test_non_finite_losses_in_a_row_stop_the_run(tiny_assets, scored_dataset, tmp_path):
-    proc = train(tiny_assets, scored_dataset, tmp_path / "x", "--max_nonfinite_steps", 2,
-                 env={"SMPO_TEST_NAN_LOSS_AT_STEPS": "2,3"}, steps=4, check=False)
-    assert proc.returncode != 0 and "non-finite loss" in proc.stderr and "steps [2, 3]" in proc.stderr
+def test_a_nan_loss_skips_its_update_and_too_many_in_a_row_stop_the_run(tiny_assets, scored_dataset, straight,
+                                                                         tmp_path):
+    """NaN losses at steps 2, 4 and 5 with --max_nonfinite_steps 2: step 2 is skipped and training goes on (step 3
+    resets the count), steps 4 and 5 in a row stop the run."""
+    out = tmp_path / "nan"
+    proc = train(tiny_assets, scored_dataset, out, "--max_nonfinite_steps", 2, "--checkpointing_steps", 2,
+                 env={"SMPO_TEST_NAN_LOSS_AT_STEPS": "2,4,5"}, steps=7, check=False)
+    assert proc.returncode != 0 and "non-finite loss" in proc.stderr and "steps [4, 5]" in proc.stderr
+    assert [m["skipped_update"] for m in metrics(out)] == [0, 1, 0, 1]  # the run stops before logging step 5
+    # the skipped step 2 changed nothing: checkpoint-2 holds the weights after step 1
+    assert max_diff(out / "checkpoint-2", straight / "checkpoint-1") == 0
 
 
-def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(tiny_assets, scored_dataset, tmp_path):
+def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(tiny_assets, scored_dataset, straight,
+                                                                         tmp_path):
+    """Killed while writing checkpoint-4: resumed from checkpoint-2 (LoRA), across the epoch's end (6 batches of
+    3 pairs), the weights and losses equal a straight run's."""
     out = tmp_path / "killed"
-    proc = train(tiny_assets, scored_dataset, out, env={"SMPO_TEST_KILL_DURING_SAVE": "4"}, steps=6, check=False)
+    proc = train(tiny_assets, scored_dataset, out, env={"SMPO_TEST_KILL_DURING_SAVE": "4"}, steps=7, check=False)
     assert proc.returncode != 0
     assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4.tmp").is_dir()
     assert not (out / "checkpoint-4").exists()
-    proc = train(tiny_assets, scored_dataset, out, "--resume_from_checkpoint", "latest", steps=6)
+    proc = train(tiny_assets, scored_dataset, out, "--resume_from_checkpoint", "latest", steps=7)
     assert f"Resuming from {out / 'checkpoint-2'}" in proc.stdout + proc.stderr
     assert not (out / "checkpoint-4.tmp").exists() and (out / "checkpoint-4").is_dir()
-    train(tiny_assets, scored_dataset, tmp_path / "straight", steps=6)
-    assert max_diff(out, tmp_path / "straight") <= 1e-6
-    assert [m["step"] for m in metrics(out)] == list(range(1, 7))
+    assert max_diff(out, straight) <= 1e-6
+    assert [m["step"] for m in metrics(out)] == list(range(1, 8))
+    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(straight)]
 
 
 def test_sigterm_saves_a_checkpoint_then_resume_continues(tiny_assets, scored_dataset, tmp_path):

@@ -8,8 +8,11 @@ import torch
 from conftest import accelerate_launch
 from safetensors.torch import load_file
 
-from smpo import training
 from smpo.data import PairDataset, PairTransform, PreferenceCollator
+from smpo.noise_sources import NOISE_SOURCES
+from smpo.objectives import OBJECTIVES
+from smpo.setup import load_noise_schedule
+from smpo.step import Models, make_reference, training_step
 
 SCRIPT = "train_smpo_diffusion_sdxl.py"
 
@@ -62,11 +65,9 @@ def test_time_ids_passed_to_the_unet_carry_each_images_own_size_and_crop(tiny_as
     seen = []
     unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["added_cond_kwargs"]["time_ids"].clone()),
                                    with_kwargs=True)
-    alphas_cumprod, prediction_type = training.load_noise_scheduler(args)
-    generator = torch.Generator().manual_seed(0)
-    reference = training.make_reference(unet, unet)
-    loss, _ = training.smpo_loss(args, batch, unet, reference, vae, conditioning, alphas_cumprod,
-                                 prediction_type, generator)
+    models = Models(unet, make_reference(unet, unet), vae, conditioning, load_noise_schedule(args))
+    loss, _ = training_step(args, batch, models, torch.Generator().manual_seed(0), OBJECTIVES["smpo"],
+                            NOISE_SOURCES["renoise"])
     assert torch.isfinite(loss)
     assert len(seen) >= 4  # >= 1 inversion step x 2 forwards, the policy and the reference
     for time_ids in seen:
@@ -86,7 +87,8 @@ def test_lora_run_on_uneven_pairs_loads_into_sdxl_pipeline_and_changes_images(ti
     pipe.load_lora_weights(out)
     assert np.abs(generate(pipe) - base).max() > 1e-4
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(logged) == 3 and all(np.isfinite(m["loss"]) for m in logged)
+    assert "context" in logged[0]  # then one line per step
+    assert len(logged) == 1 + 3 and all(np.isfinite(m["loss"]) for m in logged[1:])
 
 
 def test_full_run_with_validation_saves_a_loadable_pipeline_and_a_grid(tiny_assets, scored_dataset, tmp_path):

@@ -1,0 +1,112 @@
+"""Model set-up: the noise schedule, the frozen parts (text encoders, VAE), the policy and reference UNets,
+the optimizer. Used by the training loop and by ``benchmarks/step_cost.py`` alike."""
+
+import copy
+import os
+
+import torch
+
+from .step import NoiseSchedule
+
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+def load_noise_schedule(args):
+    """The training scheduler's alphas_cumprod in fp32, its prediction type (checked) and steps_offset."""
+    from diffusers import DDPMScheduler
+
+    config = DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision)
+    if "FlowMatch" in config.get("_class_name", "") or "beta_schedule" not in config:
+        raise SystemExit(f"the scheduler of {args.pretrained_model_name_or_path} ({config.get('_class_name')}) has no "
+                         "DDPM noise schedule (alphas_cumprod): these scripts train SD 1.x/2.x/XL-style diffusion "
+                         "models, not flow-matching ones such as SD3 or FLUX.")
+    scheduler = DDPMScheduler.from_config(config)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise SystemExit(f"prediction_type '{prediction_type}' of {args.pretrained_model_name_or_path} is not "
+                         "supported: SmPO training needs an epsilon or v_prediction model.")
+    return NoiseSchedule(scheduler.alphas_cumprod.float(), prediction_type, scheduler.config.steps_offset)
+
+
+def load_noise_scheduler(args):
+    """(alphas_cumprod, prediction_type, steps_offset): :func:`load_noise_schedule` as a tuple."""
+    s = load_noise_schedule(args)
+    return s.alphas_cumprod, s.prediction_type, s.steps_offset
+
+
+def load_frozen_parts(args, conditioning_class, device, weight_dtype):
+    """(conditioning, vae, noise schedule): everything but the trained UNet, frozen and on ``device``."""
+    schedule = load_noise_schedule(args)
+    schedule.alphas_cumprod = schedule.alphas_cumprod.to(device)
+    conditioning = conditioning_class(args, device, weight_dtype)
+    vae = conditioning.load_vae(args).requires_grad_(False)
+    vae.to(device, dtype=conditioning.vae_dtype(args, weight_dtype))
+    return conditioning, vae, schedule
+
+
+def load_unet(args):
+    """The policy UNet: the base pipeline's, or --unet_init's."""
+    from diffusers import UNet2DConditionModel
+
+    if args.unet_init is None:
+        return UNet2DConditionModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant)
+    # a local pipeline folder keeps its UNet in unet/; a UNet folder or hub id has the config at its root
+    pipeline_folder = os.path.isdir(args.unet_init) and not os.path.exists(os.path.join(args.unet_init, "config.json"))
+    subfolder = "unet" if pipeline_folder else None
+    return UNet2DConditionModel.from_pretrained(args.unet_init, subfolder=subfolder)
+
+
+def add_lora(unet, rank):
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=LORA_TARGET_MODULES))
+
+
+def setup_unets(args, device, weight_dtype):
+    """The policy UNet and, for full fine-tuning, its frozen reference copy (None for LoRA).
+
+    LoRA: the UNet is frozen in the weight dtype and its adapters train in fp32 (under fp16 and
+    bf16 alike). Full: the UNet trains in fp32, the reference is a copy in the weight dtype.
+    """
+    from diffusers.training_utils import cast_training_params
+
+    unet = load_unet(args)
+    ref_unet = None
+    if args.full_finetune:
+        ref_unet = copy.deepcopy(unet).requires_grad_(False).to(device, dtype=weight_dtype).eval()
+        unet.requires_grad_(True).to(device)
+    else:
+        unet.requires_grad_(False).to(device, dtype=weight_dtype)
+        add_lora(unet, args.rank)
+        cast_training_params(unet, torch.float32)
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet, ref_unet
+
+
+def make_optimizer(args, params):
+    if args.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=args.learning_rate, scale_parameter=False, relative_step=False,
+                         warmup_init=False, weight_decay=args.adam_weight_decay)
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def make_lr_scheduler(args, optimizer, num_processes):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+                         num_training_steps=args.max_train_steps * num_processes, num_cycles=args.lr_num_cycles,
+                         power=args.lr_power)
