@@ -122,6 +122,8 @@ def parse_args(argv=None):
                    help="world: pairs of world images (like Pick-a-Pic's pairs of other models' samples); on_policy: "
                         "pairs of the base model's own samples made by generate_pairs.py, scored by the same reward "
                         "model and labelled by the same simulated raters.")
+    p.add_argument("--on_policy_pairs", type=int, default=None,
+                   help="Pairs sampled for --data_source on_policy (default: the mode's number of world pairs).")
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS) + ["ablation"],
                    help=f"'ablation' stands for {' '.join(ABLATION)}.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the world, the base model, the data and the reward model.")
@@ -413,7 +415,7 @@ def build_on_policy_dataset(args, cfg, base_dir, reward, out_dir, tqdm):
     os.makedirs(out_dir)
     prompts = os.path.join(out_dir, "prompts.txt")
     with open(prompts, "w") as f:
-        f.write((CAPTION + "\n") * cfg["num_pairs"])
+        f.write((CAPTION + "\n") * (args.on_policy_pairs or cfg["num_pairs"]))
     generated = os.path.join(out_dir, "generated")
     # seeds 10^6 + 2 i + k: away from the evaluation's (10^4 + seed + k)
     run([sys.executable, os.path.join(ROOT, "generate_pairs.py"), "--pretrained_model_name_or_path", base_dir,
@@ -812,7 +814,7 @@ def main(args):
         data_log.update(score_stats(load_from_disk(scored)))
         json.dump(data_log, open(os.path.join(data_dir, "DONE"), "w"), indent=1)
     if args.data_source == "on_policy":  # the base model's own samples, same reward model and raters
-        on_policy_dir = os.path.join(work, f"on-policy-{data_key}-{key}")
+        on_policy_dir = os.path.join(work, f"on-policy-{data_key}-{key}-{args.on_policy_pairs or cfg['num_pairs']}")
         if not os.path.exists(os.path.join(on_policy_dir, "DONE")):
             shutil.rmtree(on_policy_dir, ignore_errors=True)
             print("sampling the base model's own pairs with generate_pairs.py")
