@@ -56,7 +56,7 @@ def test_quickstart_script_runs_and_writes_a_lora_and_images(quickstart_dir):
 
 
 def test_readme_sdxl_quickstart_command_runs(quickstart_dir):
-    command = next(c for c in readme_commands() if "train_smpo_diffusion_sdxl.py" in c and "tiny-sdxl" in c)
+    command = next(c for c in readme_commands("tiny_models.md") if "train_smpo_diffusion_sdxl.py" in c and "tiny-sdxl" in c)
     command = command.replace('PATH="$PWD/.venv/bin:$PATH"', f'PATH="{os.path.dirname(sys.executable)}:$PATH"')
     script = os.path.join(ROOT, "train_smpo_diffusion_sdxl.py")
     run_script(["bash", "-c", command.replace("train_smpo_diffusion_sdxl.py", script)], cwd=quickstart_dir)
