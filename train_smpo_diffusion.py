@@ -59,7 +59,7 @@ class SDConditioning(Conditioning):
 
 
 def parse_args(argv=None):
-    parser = flags.build_parser(__doc__, resolution=512, beta_dpo=2000.0, num_inversion_steps=5,
+    parser = flags.build_parser(__doc__, resolution=512, beta_dpo=2000.0, num_inversion_steps=10,
                                 inversion_schedule="exact", inversion_model="policy",
                                 objectives=OBJECTIVES, noise_sources=NOISE_SOURCES)
     return flags.finish_args(parser.parse_args(argv), OBJECTIVES)
