@@ -44,7 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--pretrained_model_name_or_path", default=None)
     p.add_argument("--sdxl", action="store_true", help="use the SDXL script's conditioning")
     p.add_argument("--dataset_name", default=None, help="a scored preference dataset (default: the tiny one)")
-    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=64,
+                   help="64 for --quick: at 32 px the tiny model's per-call overhead (~2 images of work) hides the "
+                        "image-forward cost that a GPU's time follows")
     p.add_argument("--train_batch_size", type=int, default=1)
     p.add_argument("--num_inversion_steps", type=int, default=5)
     p.add_argument("--inversion_schedule", default="exact", choices=["exact", "grid_above", "grid_below"])

@@ -66,7 +66,7 @@ def test_inversion_with_the_reference_model_differs_once_the_policy_moves(tiny_a
 
 def test_step_cost_benchmark_quick_prints_the_table(tiny_assets, scored_dataset):
     proc = run_script([sys.executable, os.path.join(ROOT, "benchmarks", "step_cost.py"), "--quick", "--steps", "2",
-                       "--assets", str(tiny_assets), "--dataset_name", str(scored_dataset)])
+                       "--resolution", "32", "--assets", str(tiny_assets), "--dataset_name", str(scored_dataset)])
     rows = {m.group(1): m.groups()[1:] for m in
             re.finditer(r"^(smpo|smpo-forward|dpo)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", proc.stdout, re.M)}
     assert set(rows) == {"smpo", "smpo-forward", "dpo"}
