@@ -14,6 +14,9 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Under pytest-xdist each worker gets one core: in-process tests use one torch thread, like the scripts they launch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def run_script(args, cwd=ROOT, timeout=600, check=True, env=None):
@@ -70,3 +73,18 @@ def scored_dataset(tiny_assets, tmp_path_factory):
                 "--reward_model_name_or_path", str(tiny_assets / "tiny-reward"),
                 "--output_dir", str(out), "--batch_size", "4", "--device", "cpu"])
     return out
+
+
+# The modules whose end-to-end runs take longest, longest first (seconds summed on a 2-core CPU). pytest-xdist
+# hands out whole modules (--dist=loadfile, pyproject.toml) in collection order, so starting the long ones first
+# keeps both workers busy to the end. Tests within a module keep their order.
+SLOW_MODULES = ["test_reliability", "test_train_sd", "test_toy_alignment", "test_readme", "test_performance",
+                "test_generate_pairs", "test_evaluate", "test_train_sdxl", "test_objectives"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.module.__name__.rsplit(".", 1)[-1]
+        return SLOW_MODULES.index(name) if name in SLOW_MODULES else len(SLOW_MODULES)
+
+    items.sort(key=rank)  # stable

@@ -209,9 +209,10 @@ def test_best_worst_and_random_pairing_with_a_minimum_gap(straight, tiny_assets,
     assert again["num_pairs"] == len(pairs) and datasets.load_from_disk(str(out)).to_list() == pairs.to_list()
 
 
-@pytest.mark.parametrize("loss_type,fixture", [("smpo", "straight"), ("dpo", "jsonl_pairs")])
-def test_training_reads_both_output_formats_unchanged(loss_type, fixture, request, tiny_assets, tmp_path):
-    data = request.getfixturevalue(fixture)
+def test_training_reads_the_jsonl_output_unchanged(jsonl_pairs, tiny_assets, tmp_path):
+    """Diffusion-DPO on the metadata.jsonl output. (SmPO on the save_to_disk output: the README's
+    generate -> train -> evaluate commands, run by tests/test_readme.py.)"""
+    data, loss_type = jsonl_pairs, "dpo"
     out = tmp_path / f"{loss_type}-lora"
     accelerate_launch("train_smpo_diffusion.py", "--pretrained_model_name_or_path", tiny_assets / "tiny-sd",
                       "--dataset_name", data, "--loss_type", loss_type, "--output_dir", out, "--resolution", RES,

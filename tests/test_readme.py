@@ -119,4 +119,6 @@ def test_readme_generate_train_evaluate_commands_run(quickstart_dir):
     summary = json.loads((out / "onpolicy-pairs" / "generation_summary.json").read_text())
     assert summary["num_prompts"] == 8 and summary["num_pairs"] == 8 * 6
     assert (out / "onpolicy-lora" / "pytorch_lora_weights.safetensors").exists()
+    context = json.loads((out / "onpolicy-lora" / "metrics.jsonl").read_text().splitlines()[0])["context"]
+    assert context["loss_type"] == "smpo"  # SmPO on generate_pairs.py's save_to_disk output, as it is written
     assert json.loads((out / "onpolicy-eval" / "results.json").read_text())["num_prompts"] == 8
