@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A CPU-sized preference-alignment experiment that shows whether SmPO moves a model toward what people prefer.
 
-    python examples/toy_alignment.py --quick          # ~15 min on a 2-core CPU from scratch (917 s measured beside tests)
+    python examples/toy_alignment.py --quick          # ~13 min on a 2-core CPU from scratch (790 s measured)
     python examples/toy_alignment.py                  # the full experiment (27.5 min from scratch)
     python examples/toy_alignment.py --minimal        # a smoke test of every stage (CI, ~1 min)
 
