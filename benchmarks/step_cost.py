@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """SmPO's optimizer-step cost next to Diffusion-DPO's, measured side by side in one process.
 
-    python benchmarks/step_cost.py --quick                       # tiny SD model on the CPU (< 2 min)
+    python benchmarks/step_cost.py --quick                       # tiny SD model on the CPU (~3 min)
     python benchmarks/step_cost.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --resolution 512 --mixed_precision fp16 --use_8bit_adam --gradient_checkpointing   # on a GPU
 
@@ -44,9 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--pretrained_model_name_or_path", default=None)
     p.add_argument("--sdxl", action="store_true", help="use the SDXL script's conditioning")
     p.add_argument("--dataset_name", default=None, help="a scored preference dataset (default: the tiny one)")
-    p.add_argument("--resolution", type=int, default=64,
-                   help="64 for --quick: at 32 px the tiny model's per-call overhead (~2 images of work) hides the "
-                        "image-forward cost that a GPU's time follows")
+    p.add_argument("--resolution", type=int, default=96,
+                   help="96 for --quick: at 32 px the tiny model's per-call overhead (~2 images of work) hides the "
+                        "image-forward cost that a GPU's time follows, and at 64 px it still adds 3-10%%")
     p.add_argument("--train_batch_size", type=int, default=1)
     p.add_argument("--num_inversion_steps", type=int, default=5)
     p.add_argument("--inversion_schedule", default="exact", choices=["exact", "grid_above", "grid_below"])
@@ -56,9 +56,13 @@ def parse_args(argv=None):
     p.add_argument("--use_8bit_adam", action="store_true")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--warmup_steps", type=int, default=3)
-    p.add_argument("--steps", type=int, default=None, help="measured steps per configuration (default 20; 15 --quick)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps per configuration (default 20; 8 --quick)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 with --quick, else torch's). With 2 threads the tiny model's "
+                        "small inversion calls (one image each as samples finish) pay the threads' hand-off on every "
+                        "call, a CPU artefact that is not the image-forward cost the ratio is about.")
     return p.parse_args(argv)
 
 
@@ -191,13 +195,16 @@ def quick_assets(args):
         args.dataset_name = f"{work}/scored"
     args.pretrained_model_name_or_path = f"{assets}/tiny-{'sdxl' if args.sdxl else 'sd'}"
     args.device, args.warmup_steps = "cpu", 2
-    args.steps = args.steps or 15
+    args.steps = args.steps or 8
+    args.threads = args.threads or 1
 
 
 def main(args):
     if args.quick:
         quick_assets(args)
     args.steps = args.steps or 20
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.pretrained_model_name_or_path is None or args.dataset_name is None:
         raise SystemExit("give --quick, or --pretrained_model_name_or_path and --dataset_name (a scored dataset)")
     if args.sdxl:
@@ -230,7 +237,8 @@ def report(args, setups):
 
     rows = {s.name: (statistics.median(s.times), sum(s.call_counts) / len(s.call_counts), s.memory) for s in setups}
     dpo_time, dpo_calls, dpo_mem = rows["dpo"]
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+              else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s))")
     memory_kind = "max_memory_allocated" if args.device.startswith("cuda") else "peak C-heap growth (mallinfo2)"
     print(f"\n{args.pretrained_model_name_or_path} on {device}; {'full' if args.full_finetune else 'LoRA'}, "
           f"batch {args.train_batch_size} pair(s), {args.resolution}px, {args.mixed_precision}, K={args.num_inversion_steps}, "
