@@ -135,7 +135,8 @@ def parse_args(argv=None):
                         "training them again; checkpoint evaluations are always cached beside the checkpoint.")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="Training runs and evaluations at once, each with --threads torch threads (default: 2, or 1 "
-                        "on a 1-core machine). Every run and evaluation gives the same numbers whatever --jobs is.")
+                        "on a 1-core machine). Every run and evaluation gives the same numbers whatever --jobs is "
+                        "(wall-clock s/step aside).")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads, also for the training subprocesses (default 1: on a shared 2-core machine a second "
                         "thread that has to wait for a busy core made every step ~10x slower).")
