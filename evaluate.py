@@ -35,10 +35,9 @@ import torch
 from tqdm.auto import tqdm
 
 from smpo.data import open_image
-from smpo.grid import GRID_CAPTION_HEIGHT, make_grid  # noqa: F401  (make_grid: base row over tuned row)
-from smpo.rewards import (  # noqa: F401
-    NOT_BUILT_IN, PICKSCORE, PICKSCORE_PROCESSOR, default_reward_processor, load_reward_model, reward_scores)
-from smpo.sampling import SEED_RULE, free_memory, image_seed, load_pipeline, read_prompts  # noqa: F401
+from smpo.grid import make_grid
+from smpo.rewards import PICKSCORE, PICKSCORE_PROCESSOR, default_reward_processor, load_reward_model, reward_scores
+from smpo.sampling import SEED_RULE, free_memory, image_seed, load_pipeline, read_prompts, sample_images
 
 Z_95 = 1.959963984540054  # the 0.975 quantile of the standard normal
 
@@ -116,15 +115,12 @@ def generate_images(pipe, prompts, args, which):
     """Generate num_images_per_prompt images of every prompt into images/{which}/; returns their paths (P, k)."""
     n = args.num_images_per_prompt
     jobs = [(i, k) for i in range(len(prompts)) for k in range(n)]
-    size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
     os.makedirs(os.path.dirname(image_path(args.output_dir, which, 0, 0)), exist_ok=True)
     for start in tqdm(range(0, len(jobs), args.batch_size), desc=f"generating ({which})", unit="batch"):
         batch = jobs[start:start + args.batch_size]
-        # CPU generators: the same noise on any device, one per image so batching does not change it.
-        generators = [torch.Generator("cpu").manual_seed(image_seed(args.seed, i, k, n)) for i, k in batch]
-        images = pipe(prompt=[prompts[i] for i, _ in batch], num_inference_steps=args.num_inference_steps,
-                      guidance_scale=args.guidance_scale, generator=generators, **size).images
-        for (i, k), image in zip(batch, images):
+        sampled = sample_images(pipe, [prompts[i] for i, _ in batch], [image_seed(args.seed, i, k, n) for i, k in batch],
+                                args.num_inference_steps, args.guidance_scale, args.resolution)
+        for (i, k), (image, _) in zip(batch, sampled):  # every image is scored, as the model made it
             image.save(image_path(args.output_dir, which, i, k))
     return [[image_path(args.output_dir, which, i, k) for k in range(n)] for i in range(len(prompts))]
 

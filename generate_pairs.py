@@ -45,12 +45,12 @@ import json
 import os
 import shutil
 import signal
-import sys
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from smpo.bookkeeping import end_processes
 from smpo.grid import make_grid
 from smpo.rewards import PICKSCORE, default_reward_processor, load_reward_model, reward_scores
 from smpo.sampling import SEED_RULE, image_seed, load_pipeline, read_prompts, read_prompts_file, sample_images
@@ -458,14 +458,9 @@ def main(args):
             write_pairs(rows, args)
             write_grid(records, args)
         report(summary, args)
-    state.wait_for_everyone()
-    if state.num_processes > 1 and torch.distributed.get_backend() == "gloo":
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0 if summary is None or summary["num_pairs"] else 1)  # gloo can deadlock at exit (smpo/training.py)
-    if summary is not None and not summary["num_pairs"]:
-        raise SystemExit(f"no pairs to write: see {os.path.join(args.output_dir, 'generation_summary.json')} "
-                         "for the images and pairs left out")
+    failed = summary is not None and not summary["num_pairs"]
+    end_processes(state, f"no pairs to write: see {os.path.join(args.output_dir, 'generation_summary.json')} "
+                         "for the images and pairs left out" if failed else 0)
     return summary
 
 

@@ -155,21 +155,27 @@ def tracker_config(args):
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
 
 
-def end_processes(accelerator, exit_code=0):
+def end_processes(state, exit_code=0):
     """Every process waits for the others (the main one may still be saving), then the run ends.
+
+    ``state``: the run's Accelerator (its trackers are ended too) or a PartialState (generate_pairs.py).
+    ``exit_code``: a number, or a message to exit with (status 1).
 
     Several CPU processes (gloo) leave with ``os._exit`` once everything is written: torch's gloo
     process group can deadlock when Python frees it at exit (its destructor joins its worker threads
     while holding the GIL that one of them needs to free a finished collective's tensor; seen with
     torchrun on 2 CPU processes in CI).
     """
-    accelerator.wait_for_everyone()
-    gloo = accelerator.num_processes > 1 and torch.distributed.get_backend() == "gloo"
-    accelerator.end_training()
+    state.wait_for_everyone()
+    gloo = state.num_processes > 1 and torch.distributed.get_backend() == "gloo"
+    if hasattr(state, "end_training"):
+        state.end_training()
     if gloo:
+        if isinstance(exit_code, str):
+            print(exit_code, file=sys.stderr)
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(exit_code)
+        os._exit(exit_code if isinstance(exit_code, int) else 1)
     if exit_code:
         raise SystemExit(exit_code)

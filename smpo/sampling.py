@@ -118,7 +118,8 @@ def image_problem(pixels, flagged=False):
 def sample_images(pipe, prompts, seeds, num_inference_steps, guidance_scale, resolution=None):
     """One image per (prompt, seed), each from its own CPU generator so batching does not change its noise.
 
-    Returns a list of (PIL image, None) or (None or the PIL image, problem): see image_problem.
+    Returns a list of (PIL image, problem): problem is None for a usable image, else why it is not (see
+    image_problem); the image is returned either way, the caller decides.
     """
     from diffusers.image_processor import VaeImageProcessor
 
@@ -130,6 +131,5 @@ def sample_images(pipe, prompts, seeds, num_inference_steps, guidance_scale, res
     results = []
     for pixels, nsfw in zip(np.asarray(out.images), flagged):
         problem = image_problem(pixels, bool(nsfw))
-        image = None if problem == "NaN or infinite pixels" else VaeImageProcessor.numpy_to_pil(pixels[None])[0]
-        results.append((image, problem))
+        results.append((VaeImageProcessor.numpy_to_pil(pixels[None])[0], problem))
     return results

@@ -12,6 +12,7 @@ from conftest import ROOT, accelerate_launch, run_script
 from PIL import Image
 
 import evaluate
+from smpo.grid import GRID_CAPTION_HEIGHT
 
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 from make_tiny_assets import CAPTIONS  # noqa: E402  the tiny-pickapic captions, row i has CAPTIONS[i % 8]
@@ -20,7 +21,7 @@ RES = 32  # tiny-sd's native size too
 # The tiny models gain nothing from threads, and on a busy 2-core machine two threads per process
 # make a run several times slower (contention), so the scripts run single-threaded.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-CAPTION_HEIGHT = evaluate.GRID_CAPTION_HEIGHT
+CAPTION_HEIGHT = GRID_CAPTION_HEIGHT
 
 
 def run_evaluate(*args):

@@ -212,10 +212,9 @@ def test_best_worst_and_random_pairing_with_a_minimum_gap(straight, tiny_assets,
 def test_training_reads_the_jsonl_output_unchanged(jsonl_pairs, tiny_assets, tmp_path):
     """Diffusion-DPO on the metadata.jsonl output. (SmPO on the save_to_disk output: the README's
     generate -> train -> evaluate commands, run by tests/test_readme.py.)"""
-    data, loss_type = jsonl_pairs, "dpo"
-    out = tmp_path / f"{loss_type}-lora"
+    out = tmp_path / "dpo-lora"
     accelerate_launch("train_smpo_diffusion.py", "--pretrained_model_name_or_path", tiny_assets / "tiny-sd",
-                      "--dataset_name", data, "--loss_type", loss_type, "--output_dir", out, "--resolution", RES,
+                      "--dataset_name", jsonl_pairs, "--loss_type", "dpo", "--output_dir", out, "--resolution", RES,
                       "--train_batch_size", 2, "--max_train_steps", 2, "--checkpointing_steps", 1000, "--seed", 0,
                       env=ONE_THREAD)
     assert (out / "pytorch_lora_weights.safetensors").exists()
