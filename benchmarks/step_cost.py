@@ -45,8 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--sdxl", action="store_true", help="use the SDXL script's conditioning")
     p.add_argument("--dataset_name", default=None, help="a scored preference dataset (default: the tiny one)")
     p.add_argument("--resolution", type=int, default=96,
-                   help="96 for --quick: at 32 px the tiny model's per-call overhead (~2 images of work) hides the "
-                        "image-forward cost that a GPU's time follows, and at 64 px it still adds 3-10%%")
+                   help="default 96, chosen for --quick (pass your model's size otherwise): at 32 px the tiny model's "
+                        "per-call overhead (~2 images of work) hides the image-forward cost that a GPU's time follows, "
+                        "and at 64 px it still adds 3-10%%")
     p.add_argument("--train_batch_size", type=int, default=1)
     p.add_argument("--num_inversion_steps", type=int, default=5)
     p.add_argument("--inversion_schedule", default="exact", choices=["exact", "grid_above", "grid_below"])

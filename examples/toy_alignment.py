@@ -148,7 +148,8 @@ def parse_args(argv=None):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     args.cfg = cfg
-    args.methods = [m for name in args.methods for m in (ABLATION if name == "ablation" else [name])]
+    # each method once, in order ("dpo ablation" would otherwise train dpo twice into the same folder)
+    args.methods = list(dict.fromkeys(m for name in args.methods for m in (ABLATION if name == "ablation" else [name])))
     args.train_seeds = args.train_seeds if args.train_seeds is not None else [args.seed]
     return args
 
@@ -443,12 +444,16 @@ def build_on_policy_dataset(args, cfg, base_dir, reward, out_dir, tqdm):
 
 def score_stats(ds):
     """How well the reward scores of a scored pair dataset track the true preference."""
+    import torch
+
+    from smpo.labels import preference_weight
+
     s0, s1 = np.array(ds["reward_score_0"]), np.array(ds["reward_score_1"])
     w0, w1 = np.array(ds["true_preference_0"]), np.array(ds["true_preference_1"])
-    p0 = 1 / (1 + np.exp(-(s0 - s1) / 0.16658))
+    _, weight = preference_weight(torch.from_numpy(s0), torch.from_numpy(s1))  # the training scripts' defaults
     return {"reward_corr_with_truth": float(np.corrcoef(np.r_[s0, s1], np.r_[w0, w1])[0, 1]),
             "reward_agrees_with_truth": float(((s0 > s1) == (w0 > w1)).mean()),
-            "mean_smoothed_weight": float((10 * np.abs(2 * p0 - 1)).mean())}
+            "mean_smoothed_weight": float(weight.mean())}
 
 
 def python_env(args):

@@ -97,10 +97,10 @@ def test_paper_scripts_reproduce_the_authors_inversion_and_data(script, k):
     words = shlex.split(text.split("accelerate launch", 1)[1].replace("\\\n", " ").replace('"$@"', ""),
                         comments=True)
     training_script = next(w for w in words if w.endswith(".py"))
-    flags = [w.replace("${UNET_INIT:+--unet_init", "").strip() for w in words[words.index(training_script) + 1:]]
-    sys.path.insert(0, ROOT)
+    # the optional `${UNET_INIT:+--unet_init $UNET_INIT}` splits into two words, both left out
+    flags = [w for w in words[words.index(training_script) + 1:] if "UNET_INIT" not in w]
     module = __import__(training_script[:-3])
-    args = module.parse_args([f for f in flags if f and "UNET_INIT" not in f and f != "}"])
+    args = module.parse_args(flags)
     assert (args.inversion_schedule, args.num_inversion_steps, args.drop_human_ties) == ("grid_above", k, True)
     assert (args.loss_type, args.noise_source, args.inversion_model, args.full_finetune) == ("smpo", "renoise",
                                                                                             "policy", True)
