@@ -47,6 +47,8 @@ def train(args, conditioning_class, objective=None, noise_source=None):
 
         set_seed(args.seed, device_specific=True)  # model-side randomness: different on each process
     pairs = open_training_pairs(args, objective, seed)  # bad data fails here, before any model loads
+    if noise_source.check is not None:
+        noise_source.check(args, pairs)  # e.g. prior: the data must carry each image's noise
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     conditioning, vae, schedule = load_frozen_parts(args, conditioning_class, accelerator.device, weight_dtype)
     unet, ref_unet = setup_unets(args, accelerator.device, weight_dtype)
