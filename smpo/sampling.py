@@ -13,8 +13,9 @@ import torch
 
 SEED_RULE = "image k of prompt i: seed + i * num_images_per_prompt + k (CPU generator)"
 NOISE_RECIPE = ("smpo.sampling.initial_noise(seed, shape): torch.randn(shape, generator=torch.Generator('cpu')"
-                ".manual_seed(seed), dtype=torch.float32), shape = (latent channels, height / 8, width / 8) "
-                "(8: the VAE's scale factor), cast to the pipeline's dtype and passed as latents=")
+                ".manual_seed(seed), dtype=torch.float32), shape = (latent channels, height / s, width / s) "
+                "(s: the pipeline's vae_scale_factor, 8 for SD and SDXL), cast to the pipeline's dtype and "
+                "passed as latents=")
 SAMPLER_RULE = "DDIMScheduler from the pipeline's scheduler config, eta 0 (deterministic)"
 
 
