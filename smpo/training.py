@@ -6,7 +6,8 @@ the objective and noise source to train with (default: those named by ``--loss_t
 
     smpo/flags.py          the flags and their checks          smpo/setup.py        models, optimizer
     smpo/objectives.py     --loss_type: smpo, dpo, ...         smpo/inputs.py       data -> DataLoader, caches
-    smpo/noise_sources.py  --noise_source: renoise, forward    smpo/step.py         one training step
+    smpo/noise_sources.py  --noise_source: renoise, forward,   smpo/step.py         one training step
+                           prior (smpo/prior_noise.py)
     smpo/loop.py           the Accelerate loop                 smpo/bookkeeping.py  health, metrics, summary
     smpo/outputs.py        LoRA / pipeline, model card         smpo/checkpoints.py  save, resume, stop
 """

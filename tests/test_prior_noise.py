@@ -25,7 +25,8 @@ def generate(assets, model, out, *extra):
     argv = ["--pretrained_model_name_or_path", assets / model, "--prompts_file", out.parent / "prompts.txt",
             "--reward_model_name_or_path", assets / "tiny-reward", "--num_images_per_prompt", 2,
             "--num_inference_steps", 3, "--resolution", RES, "--batch_size", 1, "--seed", 5, "--output_dir", out]
-    run_script([sys.executable, f"{ROOT}/generate_pairs.py", *map(str, argv + list(extra))], env={"OMP_NUM_THREADS": "1"})
+    run_script([sys.executable, f"{ROOT}/generate_pairs.py", *map(str, argv + list(extra))],
+               env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")
