@@ -11,7 +11,8 @@ prompt i (both from 0) starts from the latents ``smpo.sampling.initial_noise(see
 size or the number of processes. Every pair row records them (noise_seed_0, noise_seed_1, noise_shape,
 sampler), so that training can redraw each image's own noise (``--noise_source prior``). The reward model
 (PickScore by default) scores every image: the cosine similarity of image and prompt embeddings, no logit
-scale (smpo/rewards.py, the same scoring as score_pairs.py and evaluate.py). The images of a prompt are then paired (``--pairing``):
+scale (smpo/rewards.py, the same scoring as score_pairs.py and evaluate.py). The images of a prompt are
+then paired (``--pairing``):
 
     all         every pair of its images (N (N - 1) / 2)
     best_worst  its best-scored image against its worst

@@ -73,6 +73,7 @@ NOISE_SOURCES = {
     "prior": NoiseSource(
         prior, help="each image's own initial noise, recorded by generate_pairs.py (no inversion; method notes 9)",
         card=lambda args: ("the initial noise each image was generated from (prior: sqrt(abar_t) x0 + "
-                           "sqrt(1 - abar_t) eps_prior, eps_prior redrawn from noise_seed_0/1 with smpo.sampling.initial_noise)"),
+                           "sqrt(1 - abar_t) eps_prior, eps_prior redrawn from noise_seed_0/1 with "
+                           "smpo.sampling.initial_noise)"),
         batch_keys=("noise_seeds", "noise_shapes"), check=check_prior_data),
 }
