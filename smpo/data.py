@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 LABEL_COLUMN = "label_0"
 SCORE_COLUMNS = ("reward_score_0", "reward_score_1")
+NOISE_SEED_COLUMNS = ("noise_seed_0", "noise_seed_1")  # generate_pairs.py: each image's initial noise seed
 
 
 def uses_reward_scores(labels):
@@ -182,6 +183,8 @@ class PreferenceCollator:
     ``original_sizes`` and ``crop_top_lefts`` (2B, 2) in the same order; ``captions`` (B);
     ``weight`` (B,): the smoothed preference weight (smpo) or 1 (dpo, sft); ``rows`` (B,).
     With a ``latent_cache``, ``latent_mean`` and ``latent_std`` (2B, C, h, w) replace ``pixel_values``.
+    Rows that record their initial noise (generate_pairs.py) add ``noise_seeds`` (2B,) and ``noise_shapes``
+    (2B, 3) in the same winner-then-loser order (see :func:`noise_columns`).
 
     ``labels`` as in :func:`check_columns`: reward scores choose the winner and weight
     (``smpo.labels.preference_weight``), or the human label chooses the winner (ties were removed by
@@ -249,12 +252,25 @@ class PreferenceCollator:
             "rows": torch.tensor([e["row"] for e in examples]),
             "bad_rows": bad_rows,
         }
+        batch.update(noise_columns(examples, image_0_wins))
         if self.latent_cache is not None:
             batch["latent_mean"] = torch.stack([m for (m, _), _, _ in both])
             batch["latent_std"] = torch.stack([s for (_, s), _, _ in both])
         else:
             batch["pixel_values"] = torch.stack([p for p, _, _ in both])
         return batch
+
+
+def noise_columns(examples, image_0_wins):
+    """``noise_seeds`` (2B,) and ``noise_shapes`` (2B, 3), winners then losers, of rows that record them, else {}."""
+    if not all(c in examples[0] for c in (*NOISE_SEED_COLUMNS, "noise_shape")):
+        return {}
+    zero_wins = image_0_wins.tolist()
+    seeds = [[e[c] for c in NOISE_SEED_COLUMNS] for e in examples]
+    winners = [s[0] if w else s[1] for s, w in zip(seeds, zero_wins)]
+    losers = [s[1] if w else s[0] for s, w in zip(seeds, zero_wins)]
+    shapes = [list(e["noise_shape"]) for e in examples] * 2  # both images of a pair have the same shape
+    return {"noise_seeds": torch.tensor(winners + losers, dtype=torch.int64), "noise_shapes": torch.tensor(shapes)}
 
 
 def describe_drops(dropped, total):

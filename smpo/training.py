@@ -6,7 +6,8 @@ the objective and noise source to train with (default: those named by ``--loss_t
 
     smpo/flags.py          the flags and their checks          smpo/setup.py        models, optimizer
     smpo/objectives.py     --loss_type: smpo, dpo, ...         smpo/inputs.py       data -> DataLoader, caches
-    smpo/noise_sources.py  --noise_source: renoise, forward    smpo/step.py         one training step
+    smpo/noise_sources.py  --noise_source: renoise, forward,   smpo/step.py         one training step
+                           prior (smpo/prior_noise.py)
     smpo/loop.py           the Accelerate loop                 smpo/bookkeeping.py  health, metrics, summary
     smpo/outputs.py        LoRA / pipeline, model card         smpo/checkpoints.py  save, resume, stop
 """
@@ -47,6 +48,8 @@ def train(args, conditioning_class, objective=None, noise_source=None):
 
         set_seed(args.seed, device_specific=True)  # model-side randomness: different on each process
     pairs = open_training_pairs(args, objective, seed)  # bad data fails here, before any model loads
+    if noise_source.check is not None:
+        noise_source.check(args, pairs)  # e.g. prior: the data must carry each image's noise
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     conditioning, vae, schedule = load_frozen_parts(args, conditioning_class, accelerator.device, weight_dtype)
     unet, ref_unet = setup_unets(args, accelerator.device, weight_dtype)
