@@ -1,0 +1,88 @@
+"""Random-weight models of the real architectures, built from the config files in benchmarks/configs/, no download.
+
+``benchmarks/configs/MODEL/`` holds the published ``config.json`` of each component (denoiser ``unet/`` or
+``transformer/``, ``vae/``, ``text_encoder*/``) and the scheduler's config. Step time and memory do not
+depend on the weights' values, so ``benchmarks/step_cost.py --random_init MODEL`` measures them on these;
+``--count_only`` builds them on the meta device (no memory) and counts their parameters.
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = os.path.join(HERE, "configs")
+MODELS = ("sd15", "sdxl", "sd35-medium", "sd35-large", "flux-dev")
+SCRIPTS = {"sd15": "train_smpo_diffusion", "sdxl": "train_smpo_diffusion_sdxl"}  # the flow families have none yet
+NATIVE_RESOLUTION = {"sd15": 512, "sdxl": 1024, "sd35-medium": 1024, "sd35-large": 1024, "flux-dev": 1024}
+TINY_ASSETS = {"sd15": "tiny-sd", "sdxl": "tiny-sdxl"}  # --size tiny: examples/make_tiny_assets.py's models
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+
+
+def config_folder(model, size, work):
+    """A pipeline folder of configs (no weights) and tokenizers for ``model``: the published shapes
+    (``size`` "full") or the tiny test models' (``size`` "tiny"), written under ``work``."""
+    import make_tiny_assets
+
+    folder = os.path.join(work, model)
+    if size == "tiny":
+        if model not in TINY_ASSETS:
+            raise SystemExit(f"--size tiny exists for {', '.join(TINY_ASSETS)}, not {model}")
+        getattr(make_tiny_assets, "build_" + TINY_ASSETS[model].split("-")[1])(work)
+        return os.path.join(work, TINY_ASSETS[model])
+    shutil.copytree(os.path.join(CONFIGS, model), folder)
+    # the real tokenizers are not needed for timing: any tokenizer padding to CLIP's 77 tokens gives the same shapes
+    for name in sorted(n for n in os.listdir(folder) if n.startswith("text_encoder")):
+        make_tiny_assets.make_tokenizer().save_pretrained(os.path.join(folder, "tokenizer" + name[12:]))
+    return folder
+
+
+def components(folder):
+    """The model subfolders of a pipeline folder (those with a config.json), denoiser first."""
+    names = sorted(n for n in os.listdir(folder) if os.path.exists(os.path.join(folder, n, "config.json")))
+    return sorted(names, key=lambda n: n not in ("unet", "transformer"))
+
+
+def build(folder, name, device="cpu"):
+    """The component ``name`` of ``folder`` with random weights, created on ``device`` ("meta": no memory)."""
+    with open(os.path.join(folder, name, "config.json")) as f:
+        config = json.load(f)
+    with torch.device(device):
+        if "_class_name" in config:  # a diffusers model
+            import diffusers
+
+            return getattr(diffusers, config["_class_name"]).from_config(config)
+        import transformers
+
+        model_class = getattr(transformers, config["architectures"][0])
+        return model_class(model_class.config_class.from_dict(config))
+
+
+def count_parameters(model, size="full"):
+    """{"model", "denoiser", "denoiser_params", "<component>_params"...}: each component built on the meta device."""
+    with tempfile.TemporaryDirectory() as work:
+        folder = config_folder(model, size, work)
+        names = components(folder)
+        counts = {f"{name}_params": sum(p.numel() for p in build(folder, name, "meta").parameters()) for name in names}
+    return {"model": model, "size": size, "denoiser": names[0], "denoiser_params": counts.pop(f"{names[0]}_params"),
+            **counts}
+
+
+def random_init_conditioning(conditioning_class, folder, device):
+    """The script's conditioning class, with its text encoders and VAE built from ``folder``'s configs."""
+
+    class RandomInit(conditioning_class):
+        @staticmethod
+        def load_text_encoders(args):
+            return [build(folder, name, device) for name in components(folder) if name.startswith("text_encoder")]
+
+        @staticmethod
+        def load_vae(args):
+            return build(folder, "vae", device)
+
+    return RandomInit
+
