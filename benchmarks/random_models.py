@@ -20,7 +20,7 @@ MODELS = ("sd15", "sdxl", "sd35-medium", "sd35-large", "flux-dev")
 SCRIPTS = {"sd15": "train_smpo_diffusion", "sdxl": "train_smpo_diffusion_sdxl"}  # the flow families have none yet
 NATIVE_RESOLUTION = {"sd15": 512, "sdxl": 1024, "sd35-medium": 1024, "sd35-large": 1024, "flux-dev": 1024}
 TINY_ASSETS = {"sd15": "tiny-sd", "sdxl": "tiny-sdxl"}  # --size tiny: examples/make_tiny_assets.py's models
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "examples")]  # smpo, make_tiny_assets
 
 
 def config_folder(model, size, work):
@@ -62,14 +62,21 @@ def build(folder, name, device="cpu"):
         return model_class(model_class.config_class.from_dict(config))
 
 
-def count_parameters(model, size="full"):
-    """{"model", "denoiser", "denoiser_params", "<component>_params"...}: each component built on the meta device."""
+def count_parameters(model, size="full", rank=8):
+    """{"model", "denoiser", "denoiser_params", "<component>_params"..., "lora_params"}: each component built on the
+    meta device; ``lora_params``: the adapters the scripts add to the denoiser (smpo.setup.add_lora) at ``rank``."""
+    from smpo.setup import add_lora
+
     with tempfile.TemporaryDirectory() as work:
         folder = config_folder(model, size, work)
         names = components(folder)
         counts = {f"{name}_params": sum(p.numel() for p in build(folder, name, "meta").parameters()) for name in names}
+        with torch.device("meta"):
+            denoiser = build(folder, names[0], "meta")
+            add_lora(denoiser, rank)
+    lora = sum(p.numel() for name, p in denoiser.named_parameters() if "lora_" in name)
     return {"model": model, "size": size, "denoiser": names[0], "denoiser_params": counts.pop(f"{names[0]}_params"),
-            **counts}
+            **counts, "lora_rank": rank, "lora_params": lora}
 
 
 def random_init_conditioning(conditioning_class, folder, device):

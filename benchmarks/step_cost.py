@@ -227,7 +227,7 @@ def main(args):
     if args.count_only:
         if args.random_init is None:
             raise SystemExit("--count_only goes with --random_init MODEL")
-        print(json.dumps(random_models.count_parameters(args.random_init, args.size or "full")))
+        print(json.dumps(random_models.count_parameters(args.random_init, args.size or "full", args.rank)))
         return
     folder, rows = random_init_assets(args) if args.random_init else (None, None)
     if args.quick:

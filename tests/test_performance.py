@@ -4,6 +4,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,3 +128,20 @@ def test_count_only_prints_one_json_line_and_flow_measurement_stops_with_a_sente
     assert len(lines) == 1 and json.loads(lines[0])["denoiser_params"] == 11901408320
     proc = run_script(bench, check=False)
     assert proc.returncode != 0 and "flux-dev has no training script yet" in proc.stderr
+
+
+def test_what_fits_json_is_what_the_command_computes_now():
+    """docs/performance/what_fits.json (the docs' "what fits" table) is benchmarks/what_fits.py's output for today's
+    configs, and its verdicts follow the documented rule."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import what_fits
+
+    stored = json.loads((Path(ROOT) / "docs" / "performance" / "what_fits.json").read_text())
+    for model, modes in stored["modes"].items():
+        counts = what_fits.random_models.count_parameters(model)
+        assert counts == stored["counts"][model]
+        assert what_fits.what_fits(counts) == modes
+    sd15 = stored["modes"]["sd15"]["full-adamw"]  # 18 bytes per UNet parameter + the bf16 VAE
+    assert sd15["resident_gib"] == round((18 * 859520964 + 2 * 83653863) / 2**30, 1)
+    assert what_fits.verdict(20.0, 3.0, 24) == "tight"  # 23 GiB > 90% of 24, but the resident 20 GiB <= 24
+    assert what_fits.verdict(25.0, 0.0, 24) == "no" and what_fits.verdict(10.0, 3.0, 24) == "fits"
