@@ -79,6 +79,27 @@ def count_parameters(model, size="full", rank=8):
             **counts, "lora_rank": rank, "lora_params": lora}
 
 
+def random_init_assets(args):
+    """--random_init: a folder of the model's configs (no weights) and pairs of synthetic images with reward scores."""
+    from make_tiny_assets import pickapic_rows
+
+    model = args.random_init
+    if model not in SCRIPTS:
+        raise SystemExit(f"{model} has no training script yet (the flow-matching families wait for issue 18), so "
+                         f"only --count_only works for it.")
+    args.size = args.size or ("full" if args.device.startswith("cuda") else "tiny")
+    folder = config_folder(model, args.size, tempfile.mkdtemp(prefix="smpo-random-"))
+    args.pretrained_model_name_or_path, args.sdxl = folder, model == "sdxl"
+    if args.resolution is None and args.size == "full":
+        args.resolution = NATIVE_RESOLUTION[model]
+    if args.sdxl:  # an fp16-safe VAE (same shapes), as examples/train_sdxl_lora_24gb.sh: it runs in the weight dtype
+        args.extra_flags = ["--pretrained_vae_model_name_or_path", os.path.join(folder, "vae")]
+    rows = pickapic_rows(args.train_batch_size)
+    for i, row in enumerate(rows):
+        row["reward_score_0"], row["reward_score_1"] = 20.0 + i % 3, 21.0
+    return folder, rows
+
+
 def random_init_conditioning(conditioning_class, folder, device):
     """The script's conditioning class, with its text encoders and VAE built from ``folder``'s configs."""
 

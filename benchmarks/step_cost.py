@@ -98,7 +98,7 @@ def allocated(device):
 class Setup:
     """One configuration: its own LoRA (or full) UNet and optimizer on shared frozen parts."""
 
-    def __init__(self, name, args, script, frozen, batch, unet=None):
+    def __init__(self, name, args, script, frozen, batch, build_unet=None):
         from smpo.setup import make_optimizer, setup_unets
         from smpo.step import Models, make_reference
 
@@ -107,6 +107,7 @@ class Setup:
         before = allocated(args.device)
         self.args = script.parse_args(self.flags(args, loss_type, noise_source))
         self.objective, self.noise_source = script.OBJECTIVES[loss_type], script.NOISE_SOURCES[noise_source]
+        unet = build_unet() if build_unet else None  # --random_init: built here, so that own_memory counts it
         unet, reference_unet = setup_unets(self.args, args.device, self.weight_dtype(args), unet=unet)
         self.unet, self.name, self.batch = unet, name, batch
         self.params = [p for p in unet.parameters() if p.requires_grad]
@@ -192,27 +193,6 @@ def quick_assets(args):
     args.threads = args.threads or 1
 
 
-def random_init_assets(args):
-    """--random_init: a folder of the model's configs (no weights) and pairs of synthetic images with reward scores."""
-    from make_tiny_assets import pickapic_rows
-
-    model = args.random_init
-    if model not in random_models.SCRIPTS:
-        raise SystemExit(f"{model} has no training script yet (the flow-matching families wait for issue 18), so "
-                         f"only --count_only works for it.")
-    args.size = args.size or ("full" if args.device.startswith("cuda") else "tiny")
-    folder = random_models.config_folder(model, args.size, tempfile.mkdtemp(prefix="smpo-random-"))
-    args.pretrained_model_name_or_path, args.sdxl = folder, model == "sdxl"
-    if args.resolution is None and args.size == "full":
-        args.resolution = random_models.NATIVE_RESOLUTION[model]
-    if args.sdxl:  # an fp16-safe VAE (same shapes), as examples/train_sdxl_lora_24gb.sh: it runs in the weight dtype
-        args.extra_flags = ["--pretrained_vae_model_name_or_path", os.path.join(folder, "vae")]
-    rows = pickapic_rows(args.train_batch_size)
-    for i, row in enumerate(rows):
-        row["reward_score_0"], row["reward_score_1"] = 20.0 + i % 3, 21.0
-    return folder, rows
-
-
 def cache_text_embeddings(args, conditioning, batch):
     from smpo.cache import TextCache, build_text_cache
 
@@ -229,7 +209,9 @@ def main(args):
             raise SystemExit("--count_only goes with --random_init MODEL")
         print(json.dumps(random_models.count_parameters(args.random_init, args.size or "full", args.rank)))
         return
-    folder, rows = random_init_assets(args) if args.random_init else (None, None)
+    if args.quick and args.random_init:
+        raise SystemExit("give --quick or --random_init MODEL, not both")
+    folder, rows = random_models.random_init_assets(args) if args.random_init else (None, None)
     if args.quick:
         quick_assets(args)
     args.steps = args.steps or 20
@@ -256,8 +238,8 @@ def main(args):
     if args.cache_text_embeddings:
         cache_text_embeddings(args, frozen[0], batch)
     shared = allocated(args.device)
-    unet = (lambda: random_models.build(folder, "unet", args.device)) if folder else (lambda: None)
-    setups = [Setup(name, args, script, frozen, batch, unet()) for name in CONFIGS]
+    build_unet = (lambda: random_models.build(folder, "unet", args.device)) if folder else None
+    setups = [Setup(name, args, script, frozen, batch, build_unet) for name in CONFIGS]
 
     for _ in range(args.warmup_steps - 1):  # each Setup took one step already
         for s in setups:
