@@ -145,3 +145,9 @@ def test_what_fits_json_is_what_the_command_computes_now():
     assert sd15["resident_gib"] == round((18 * 859520964 + 2 * 83653863) / 2**30, 1)
     assert what_fits.verdict(20.0, 3.0, 24) == "tight"  # 23 GiB > 90% of 24, but the resident 20 GiB <= 24
     assert what_fits.verdict(25.0, 0.0, 24) == "no" and what_fits.verdict(10.0, 3.0, 24) == "fits"
+
+
+def test_gpu_check_without_a_gpu_says_how_to_rehearse(tmp_path):
+    proc = run_script(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], check=False,
+                      env={"PYTHON": sys.executable, "OUT": str(tmp_path)})
+    assert proc.returncode == 1 and "no CUDA device is visible to torch" in proc.stdout and "--dry_run" in proc.stdout
