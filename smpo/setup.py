@@ -64,15 +64,16 @@ def add_lora(unet, rank):
                                 target_modules=LORA_TARGET_MODULES))
 
 
-def setup_unets(args, device, weight_dtype):
-    """The policy UNet and, for full fine-tuning, its frozen reference copy (None for LoRA).
+def setup_unets(args, device, weight_dtype, unet=None):
+    """The policy UNet (``unet``, or :func:`load_unet`'s) and, for full fine-tuning, its frozen reference copy
+    (None for LoRA). ``benchmarks/step_cost.py --random_init`` passes a random-weight ``unet``.
 
     LoRA: the UNet is frozen in the weight dtype and its adapters train in fp32 (under fp16 and
     bf16 alike). Full: the UNet trains in fp32, the reference is a copy in the weight dtype.
     """
     from diffusers.training_utils import cast_training_params
 
-    unet = load_unet(args)
+    unet = load_unet(args) if unet is None else unet
     ref_unet = None
     if args.full_finetune:
         ref_unet = copy.deepcopy(unet).requires_grad_(False).to(device, dtype=weight_dtype).eval()
