@@ -8,8 +8,8 @@ writes the dataset, all columns kept and in the same row order, with two new flo
 caption embeddings (no logit scale), which SmPO (``--loss_type smpo``) turns into smoothed
 preferences. A pair with an unreadable image is left out whole; its row number (in the input)
 is printed and listed in ``OUTPUT_DIR/bad_rows.json``; more of them than ``--max_bad_pair_fraction``
-(1% by default, as in training) stop the script, and so does a dataset with no readable pair. Scoring goes through ``datasets.map``, so
-rerunning on a dataset stored on disk reuses the cached scores.
+(1% by default, as in training) stop the script, and so does a dataset with no readable pair.
+Scoring goes through ``datasets.map``, so rerunning on a dataset stored on disk reuses the cached scores.
 """
 
 import argparse

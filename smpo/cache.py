@@ -61,8 +61,8 @@ def build_latent_cache(path, pairs, collator, vae, batch_size):
         sizes.extend([s for _, s, _ in pair] for _, pair, _ in loaded)
         crops.extend([c for _, _, c in pair] for _, pair, _ in loaded)
         rows.extend(e["row"] for e, _, _ in loaded)
-    cat = lambda parts: torch.cat(parts).contiguous() if parts else torch.zeros(0)  # noqa: E731 (none readable)
-    tensors = {"mean": cat(means), "std": cat(stds),
+    none = [torch.zeros(0)]  # no readable pair: written all the same, every process stops when it reads the cache
+    tensors = {"mean": torch.cat(means or none).contiguous(), "std": torch.cat(stds or none).contiguous(),
                "original_sizes": torch.tensor(sizes), "crop_top_lefts": torch.tensor(crops),
                "rows": torch.tensor(rows), "bad_rows": torch.tensor(bad_rows, dtype=torch.long)}
     save_file(tensors, path + ".tmp")

@@ -151,7 +151,7 @@ def open_image(value, column=None):
         elif isinstance(value, str):
             image = Image.open(value)
         else:
-            raise TypeError(f"cannot read an image from a {type(value).__name__}{where}")
+            raise TypeError(f"cannot read an image{where} from a {type(value).__name__}")
         image.load()  # decode now, so truncated data fails here and not later
         return image.convert("RGB")
     except PIL_DECODING_ERRORS as err:
