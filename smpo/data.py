@@ -8,6 +8,7 @@ scripts, ``score_pairs.py`` and ``generate_pairs.py`` use this module, so every 
 project sees the same pairs.
 """
 
+import argparse
 import io
 import logging
 import random
@@ -124,20 +125,63 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------- decoding
-def open_image(value):
-    """An RGB PIL image from encoded bytes, a datasets Image dict, a file path or a PIL image."""
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, dict):
-        image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-    elif isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, str):
-        image = Image.open(value)
-    else:
-        raise TypeError(f"cannot read an image from a {type(value).__name__}")
-    image.load()  # decode now, so truncated data fails here and not later
-    return image.convert("RGB")
+class UnreadableImageError(ValueError):
+    """An image that cannot be decoded (missing, empty, corrupt, truncated): the one error that drops a pair."""
+
+
+# What PIL raises for such data: UnidentifiedImageError (an OSError) for empty or garbage bytes, OSError for
+# truncated data or a missing file, SyntaxError for some broken chunks, DecompressionBombError for a huge image.
+PIL_DECODING_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
+
+
+def open_image(value, column=None):
+    """An RGB PIL image from encoded bytes, a datasets Image dict, a file path or a PIL image.
+
+    Raises UnreadableImageError (naming ``column``) when there is no image or it cannot be decoded.
+    """
+    where = f" in {column}" if column else ""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if not isinstance(value, Image.Image) and not value:  # None, b"", ""
+        raise UnreadableImageError(f"unreadable image{where} (there is none)")
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, str):
+            image = Image.open(value)
+        else:
+            raise TypeError(f"cannot read an image{where} from a {type(value).__name__}")
+        image.load()  # decode now, so truncated data fails here and not later
+        return image.convert("RGB")
+    except PIL_DECODING_ERRORS as err:
+        raise UnreadableImageError(f"unreadable image{where} ({type(err).__name__}: {err})") from err
+
+
+def add_bad_pair_flag(parser):
+    """--max_bad_pair_fraction, the limit :func:`check_bad_pairs` applies (training and score_pairs.py)."""
+    def fraction(text):
+        if not 0.0 <= float(text) <= 1.0:
+            raise argparse.ArgumentTypeError(f"must be in [0, 1], not {text}")
+        return float(text)
+
+    parser.add_argument("--max_bad_pair_fraction", type=fraction, default=0.01,
+                        help="Stop when more than this fraction of the pairs have an unreadable image (each such "
+                             "pair is left out whole and logged with its row).")
+
+
+def check_bad_pairs(bad_rows, num_pairs, max_fraction, dataset_name, num_bad=None):
+    """Stop (SystemExit) when more than ``max_fraction`` of ``num_pairs`` pairs have an unreadable image.
+
+    ``bad_rows``: the rows known here; ``num_bad``: the count when it is larger (other processes' rows).
+    """
+    num_bad = len(bad_rows) if num_bad is None else num_bad
+    if num_bad > max_fraction * num_pairs:
+        raise SystemExit(
+            f"{num_bad} of {num_pairs} pairs of {dataset_name} have an unreadable image (rows "
+            f"{sorted(bad_rows)[:20]} among them), more than --max_bad_pair_fraction {max_fraction} allows: the "
+            "data is probably broken. Fix or remove those rows, or raise --max_bad_pair_fraction to leave them out.")
 
 
 # -------------------------------------------------------------------------------- transforms
@@ -214,7 +258,7 @@ class PreferenceCollator:
         if self.latent_cache is not None:
             mean, std, sizes, crops = self.latent_cache.pair(example["row"])
             return [((mean[k], std[k]), tuple(sizes[k].tolist()), tuple(crops[k].tolist())) for k in (0, 1)]
-        return self.transform([open_image(example[c]) for c in IMAGE_COLUMNS], rng)
+        return self.transform([open_image(example[c], c) for c in IMAGE_COLUMNS], rng)
 
     def load_pairs(self, examples):
         """([(example, pair, rng), ...] of the readable pairs, [rows of the unreadable ones]), in order."""
@@ -223,9 +267,9 @@ class PreferenceCollator:
             rng = random.Random(f"{self.seed}-{self.epoch}-{e['row']}")
             try:
                 loaded.append((e, self.load_pair(e, rng), rng))
-            except Exception as err:  # noqa: BLE001 - any decoding failure drops the whole pair
+            except UnreadableImageError as err:  # drops the whole pair; any other error is a bug and surfaces
                 bad_rows.append(e["row"])
-                logger.warning("dropping pair at row %d: unreadable image (%s)", e["row"], err)
+                logger.warning("dropping pair at row %d: %s", e["row"], err)
         return loaded, bad_rows
 
     def __call__(self, examples):
