@@ -384,7 +384,8 @@ def write_grid(records, args):
         make_grid(best, worst, captions).save(os.path.join(args.output_dir, "grid.png"))
 
 
-def summarize(records, rows, left_out, skipped, args, run_info):
+def generation_summary(records, rows, left_out, skipped, args, run_info):
+    """generation_summary.json: images and pairs made, what was left out and why, score statistics, settings."""
     images = [dict(e, prompt_index=r["prompt_index"]) for r in records for e in r["images"]]
     bad = [{"prompt_index": e["prompt_index"], "k": e["k"], "seed": e["seed"], "problem": e["problem"]}
            for e in images if e["problem"] is not None]
@@ -471,7 +472,7 @@ def main(args):
         rows, left_out = make_pairs(records, args)
         run_info = {"num_processes": state.num_processes, "shards": num_shards,
                     "shards_generated_by_this_run": len(todo), "shards_reused": num_shards - len(todo)}
-        summary = summarize(records, rows, left_out, skipped, args, run_info)
+        summary = generation_summary(records, rows, left_out, skipped, args, run_info)
         with open(os.path.join(args.output_dir, "generation_summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, ensure_ascii=False)
         if rows:

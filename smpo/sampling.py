@@ -5,9 +5,6 @@ generator seeded with ``seed + i * num_images_per_prompt + k``, whatever the bat
 number of processes.
 """
 
-import gc
-import os
-
 import numpy as np
 import torch
 
@@ -113,7 +110,9 @@ def load_pipeline(name_or_path, args, base=True, device=None):
     Reads from ``args``: mixed_precision, pretrained_vae_model_name_or_path, cache_dir, disable_safety_checker,
     and for the base model unet_init (a UNet replacing the pipeline's, e.g. a full fine-tune's), revision, variant.
     """
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
+    from .setup import load_unet_init
 
     dtype = pipeline_dtype(args.mixed_precision)
     components = {}
@@ -121,9 +120,7 @@ def load_pipeline(name_or_path, args, base=True, device=None):
         components["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=dtype,
                                                           cache_dir=args.cache_dir)
     if base and args.unet_init:
-        subfolder = "unet" if os.path.isdir(os.path.join(args.unet_init, "unet")) else None
-        components["unet"] = UNet2DConditionModel.from_pretrained(args.unet_init, subfolder=subfolder,
-                                                                  torch_dtype=dtype, cache_dir=args.cache_dir)
+        components["unet"] = load_unet_init(args.unet_init, torch_dtype=dtype, cache_dir=args.cache_dir)
     extra = {"revision": args.revision, "variant": args.variant} if base else {}
     pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype, cache_dir=args.cache_dir,
                                              **extra, **components)
@@ -131,13 +128,6 @@ def load_pipeline(name_or_path, args, base=True, device=None):
         pipe.safety_checker = None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or args.device)
-
-
-def free_memory(device):
-    """Give back the memory of models the caller has just deleted."""
-    gc.collect()
-    if str(device).startswith("cuda"):
-        torch.cuda.empty_cache()
 
 
 def image_problem(pixels, flagged=False):

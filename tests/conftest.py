@@ -56,6 +56,11 @@ def accelerate_launch(script, *args, **kwargs):
     return run_script(cmd, **kwargs)
 
 
+def lora_up(weights):
+    """The LoRA up (B) matrices, zero at initialisation, in diffusers' saved format (a safetensors dict)."""
+    return [v for k, v in weights.items() if ".lora.up." in k or "lora_B" in k]
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """examples/make_tiny_assets.py output: tiny-sd, tiny-sd-vpred, tiny-sdxl, tiny-reward, tiny-pickapic."""
