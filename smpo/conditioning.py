@@ -6,7 +6,7 @@ code never asks which family it runs. Subclassing :class:`Conditioning` is optio
 ``pipeline_from_pretrained``.
 """
 
-from typing import ClassVar, Protocol
+from typing import Protocol
 
 import torch
 
@@ -14,12 +14,13 @@ import torch
 class Conditioning(Protocol):
     """Captions (and image sizes, crops) of a batch -> UNet keyword arguments, plus the family's model loading.
 
-    Attributes: ``pipeline_class`` (saves and loads the LoRA, builds validation pipelines),
+    Attributes: ``pipeline_class`` (saves and loads the LoRA, builds validation pipelines; a class attribute,
+    or a property that imports it when first used, as the SD and SDXL scripts do),
     ``text_encoders`` (moved to the CPU after ``--cache_text_embeddings``) and ``text_cache`` (set to a
     :class:`smpo.cache.TextCache` then; ``encode_prompts`` is bypassed while it is set).
     """
 
-    pipeline_class: ClassVar[type]
+    pipeline_class: type
     text_encoders: list
     text_cache: object
 
