@@ -1,4 +1,5 @@
-"""Sampling from a diffusion pipeline for evaluate.py and generate_pairs.py: prompts, seeds, pipelines, checks.
+"""Sampling from a diffusion pipeline for evaluate.py and generate_pairs.py: their shared flags, prompts, seeds,
+pipelines, checks.
 
 The seed rule (both scripts): image k of prompt i (counted from 0) starts from the noise of a CPU
 generator seeded with ``seed + i * num_images_per_prompt + k``, whatever the batch size, device or
@@ -28,7 +29,8 @@ def add_sampling_flags(parser, dataset_split_name, num_images_per_prompt, output
     a("--unet_init", default=None,
       help="Replace the pipeline's UNet with this one (a folder with a UNet config, or a pipeline with a unet/ "
            "subfolder), as training's --unet_init; e.g. a full fine-tune's.")
-    a("--pretrained_vae_model_name_or_path", default=None, help="A VAE to use instead, e.g. madebyollin/sdxl-vae-fp16-fix.")
+    a("--pretrained_vae_model_name_or_path", default=None,
+      help="A VAE to use instead, e.g. madebyollin/sdxl-vae-fp16-fix.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts_file", default=None,
                         help="UTF-8 text file, one prompt a line; blank lines are skipped.")
