@@ -67,6 +67,11 @@ def missing_path(what, path):
     return f"{what} {path}: no such file or folder."
 
 
+def missing_folder(what, path):
+    """None if ``path`` is None or an existing folder (never a hub id)."""
+    return None if path is None or os.path.isdir(path) else f"{what} {path}: no such folder."
+
+
 def missing_package(module, needed_by):
     """None if ``module`` can be imported, else which flag needs it and how to install it."""
     if importlib.util.find_spec(module) is not None:
@@ -76,7 +81,9 @@ def missing_package(module, needed_by):
 
 def missing_tracker(report_to):
     package = TRACKER_PACKAGES.get(report_to)
-    return missing_package(package, f"--report_to {report_to}") if package else None
+    if package is None or (package == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+        return None  # accelerate's tensorboard tracker also runs on tensorboardX
+    return missing_package(package, f"--report_to {report_to}")
 
 
 def unsupported_mixed_precision(mixed_precision, device):
@@ -96,8 +103,8 @@ def training_needs(args):
         missing_model("--unet_init", args.unet_init, MODEL_FILES, subfolders=("", "unet")),
         missing_model("--pretrained_vae_model_name_or_path", getattr(args, "pretrained_vae_model_name_or_path", None)),
         missing_path("--dataset_name", args.dataset_name),
-        missing_path("--resume_from_checkpoint",
-                     None if args.resume_from_checkpoint in (None, "latest") else args.resume_from_checkpoint),
+        missing_folder("--resume_from_checkpoint",
+                       None if args.resume_from_checkpoint in (None, "latest") else args.resume_from_checkpoint),
         missing_tracker(args.report_to),
         missing_package("bitsandbytes", "--use_8bit_adam") if args.use_8bit_adam else None,
         missing_package("xformers", "--enable_xformers_memory_efficient_attention")

@@ -44,9 +44,10 @@ def test_training_names_every_missing_thing_before_making_its_output_folder(tiny
     out = tmp_path / "out"
     proc = run("train_smpo_diffusion.py", "--pretrained_model_name_or_path", tmp_path / "no-such-model",
                "--dataset_name", tmp_path / "no-such-data", "--unet_init", tiny_assets / "tiny-reward",
-               "--report_to", "wandb", "--output_dir", out)
+               "--report_to", "wandb", "--resume_from_checkpoint", "checkpoint-9", "--output_dir", out)
     assert_stopped_with(proc, f"--pretrained_model_name_or_path '{tmp_path / 'no-such-model'}': no such folder.",
                         f"--dataset_name {tmp_path / 'no-such-data'}: no such file or folder.",
+                        "--resume_from_checkpoint checkpoint-9: no such folder.",
                         "--report_to wandb needs the wandb package, which is not installed: pip install wandb.")
     assert "--unet_init" not in proc.stderr  # tiny-reward has a config.json: a model folder, found
     assert not out.exists()
