@@ -38,8 +38,8 @@ from smpo.data import open_image
 from smpo.grid import make_grid
 from smpo.preflight import PIPELINE_FILES, missing_model, require, reward_needs, sampling_needs
 from smpo.rewards import PICKSCORE, PICKSCORE_PROCESSOR, default_reward_processor, load_reward_model, reward_scores
-from smpo.sampling import (SEED_RULE, add_sampling_flags, check_sampling_args, free_memory, image_seed, load_pipeline,
-                           read_prompts, sample_images)
+from smpo.sampling import (SEED_RULE, add_sampling_flags, check_sampling_args, image_seed, load_pipeline, read_prompts,
+                           sample_images)
 
 Z_95 = 1.959963984540054  # the 0.975 quantile of the standard normal
 
@@ -102,17 +102,19 @@ def generate_images(pipe, prompts, args, which):
 
 def generate_base_and_tuned(prompts, args):
     """Paths of the base's and the tuned model's images; one pipeline in memory at a time."""
+    from diffusers.training_utils import free_memory
+
     pipe = load_pipeline(args.pretrained_model_name_or_path, args)
     base = generate_images(pipe, prompts, args, "base")
     if args.lora_weights:
         pipe.load_lora_weights(args.lora_weights)
     else:
         del pipe
-        free_memory(args.device)
+        free_memory()
         pipe = load_pipeline(args.tuned_model_name_or_path, args, base=False)
     tuned = generate_images(pipe, prompts, args, "tuned")
     del pipe
-    free_memory(args.device)
+    free_memory()
     return base, tuned
 
 
@@ -152,8 +154,8 @@ def win_rate_with_ci(outcome, z=Z_95):
     return p, max(0.0, centre - half), min(1.0, centre + half)
 
 
-def summarize(base_scores, tuned_scores):
-    """results.json entry of one reward model."""
+def reward_model_result(base_scores, tuned_scores):
+    """results.json entry of one reward model: mean scores, win rate with its 95% interval, outcome counts."""
     result = outcomes(base_scores, tuned_scores)
     rate, low, high = win_rate_with_ci(result)
     return {"mean_base": float(np.mean(base_scores)), "mean_tuned": float(np.mean(tuned_scores)),
@@ -210,6 +212,7 @@ def settings(args, image_size):
 
 # ------------------------------------------------------------------------------------- main
 def main(args):
+    from diffusers.training_utils import free_memory
     from PIL import Image
 
     check_run(args)
@@ -227,7 +230,7 @@ def main(args):
                                          desc=f"scoring {which} ({os.path.basename(key.rstrip('/'))})")
                             for which, paths in (("base", base_paths), ("tuned", tuned_paths)))
         del model, processor
-        free_memory(args.device)
+        free_memory()
 
     shown = range(min(args.grid_prompts, len(prompts)))
     base_images = [Image.open(base_paths[i][0]) for i in shown]
@@ -240,7 +243,7 @@ def main(args):
         "num_prompts": len(prompts),
         "num_images_per_prompt": args.num_images_per_prompt,
         "settings": settings(args, base_images[0].size),
-        "reward_models": {key: summarize(*scores[key]) for key in keys},
+        "reward_models": {key: reward_model_result(*scores[key]) for key in keys},
     }
     with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2, ensure_ascii=False)

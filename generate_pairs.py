@@ -5,11 +5,14 @@
         --prompts_file prompts.txt --num_images_per_prompt 4 --output_dir sd15-pairs
 
 For every prompt the base pipeline (optionally ``--unet_init`` / ``--lora_weights`` on top, for a
-second round) samples ``--num_images_per_prompt`` images; image k of prompt i (both from 0) starts from
-the noise of a CPU generator seeded with ``seed + i * num_images_per_prompt + k`` (as in evaluate.py),
-whatever the batch size or the number of processes. The reward model (PickScore by default) scores every
-image: the cosine similarity of image and prompt embeddings, no logit scale (smpo/rewards.py, the same
-scoring as score_pairs.py and evaluate.py). The images of a prompt are then paired (``--pairing``):
+second round) samples ``--num_images_per_prompt`` images with DDIM, eta 0 (deterministic); image k of
+prompt i (both from 0) starts from the latents ``smpo.sampling.initial_noise(seed + i * num_images_per_prompt
++ k, latent shape)`` (fp32 noise of a CPU generator with that seed, as in evaluate.py), whatever the batch
+size or the number of processes. Every pair row records them (noise_seed_0, noise_seed_1, noise_shape,
+sampler), so that training can redraw each image's own noise (``--noise_source prior``). The reward model
+(PickScore by default) scores every image: the cosine similarity of image and prompt embeddings, no logit
+scale (smpo/rewards.py, the same scoring as score_pairs.py and evaluate.py). The images of a prompt are
+then paired (``--pairing``):
 
     all         every pair of its images (N (N - 1) / 2)
     best_worst  its best-scored image against its worst
@@ -54,8 +57,9 @@ from smpo.bookkeeping import end_processes
 from smpo.grid import make_grid
 from smpo.preflight import require, reward_needs, sampling_needs
 from smpo.rewards import PICKSCORE, default_reward_processor, load_reward_model, reward_scores
-from smpo.sampling import (SEED_RULE, add_sampling_flags, check_sampling_args, image_seed, load_pipeline, read_prompts,
-                           read_prompts_file, sample_images)
+from smpo.sampling import (NOISE_RECIPE, SAMPLER_RULE, SEED_RULE, add_sampling_flags, check_sampling_args, image_seed,
+                           latent_shape, load_pipeline, read_prompts, read_prompts_file, sample_images,
+                           use_deterministic_sampler)
 
 PAIRINGS = ("all", "best_worst", "random")
 FORMATS = ("save_to_disk", "metadata_jsonl")
@@ -137,6 +141,7 @@ def generation_settings(args, prompts):
     settings = {key: getattr(args, key) for key in GENERATION_KEYS}
     settings["prompts_sha256"] = hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
     settings["num_prompts"] = len(prompts)
+    settings["sampler"], settings["initial_noise"] = SAMPLER_RULE, NOISE_RECIPE  # older runs sampled otherwise
     return settings
 
 
@@ -165,9 +170,13 @@ def _kill_here_if_asked(images_done):
 
 
 # ------------------------------------------------------------------------------- generation
-def generate_shard(shard, prompts, pipe, reward, args, device, progress, counter):
-    """Sample, save and score the images of one shard's prompts, then write its record file atomically."""
+def generate_shard(shard, prompts, pipe, reward, args, device, progress, counter, sampler):
+    """Sample, save and score the images of one shard's prompts, then write its record file atomically.
+
+    Each image's record keeps what redraws its initial noise: its seed, the latent shape and the sampler.
+    """
     model, processor = reward
+    noise_shape = latent_shape(pipe, args.resolution)
     n = args.num_images_per_prompt
     indices = shard_prompts(shard, args.shard_size, len(prompts))
     jobs = [(i, k) for i in indices for k in range(n)]
@@ -176,7 +185,7 @@ def generate_shard(shard, prompts, pipe, reward, args, device, progress, counter
         batch = jobs[start:start + args.batch_size]
         seeds = [image_seed(args.seed, i, k, n) for i, k in batch]
         samples = sample_images(pipe, [prompts[i] for i, _ in batch], seeds, args.num_inference_steps,
-                                args.guidance_scale, args.resolution)
+                                args.guidance_scale, args.resolution, noise_shape=noise_shape)
         usable = [j for j, (_, problem) in enumerate(samples) if problem is None]
         scores = {}
         if usable:
@@ -184,7 +193,8 @@ def generate_shard(shard, prompts, pipe, reward, args, device, progress, counter
                                    [prompts[batch[j][0]] for j in usable], device)
             scores = dict(zip(usable, values.tolist()))
         for j, ((i, k), seed, (image, problem)) in enumerate(zip(batch, seeds, samples)):
-            entry = {"k": k, "seed": seed, "file": None, "score": None, "problem": problem}
+            entry = {"k": k, "seed": seed, "file": None, "score": None, "problem": problem,
+                     "noise_shape": list(noise_shape), "sampler": sampler}
             if problem is None:
                 entry["file"], entry["score"] = image_file(i, k), scores[j]
                 image.save(os.path.join(args.output_dir, entry["file"]))
@@ -255,11 +265,18 @@ def make_pairs(records, args):
                 "reward_score_0": scores[a], "reward_score_1": scores[b],
                 "prompt_index": i, "image_index_0": a, "image_index_1": b,
                 "seed_0": images[a]["seed"], "seed_1": images[b]["seed"],
+                **noise_columns(images[a], images[b]),
                 "model": args.pretrained_model_name_or_path, "unet": args.unet_init or "",
                 "lora_weights": args.lora_weights or "", "num_inference_steps": args.num_inference_steps,
                 "guidance_scale": args.guidance_scale, "height": height, "width": width,
             })
     return rows, left_out
+
+
+def noise_columns(image_0, image_1):
+    """What redraws the pair's initial noises: smpo.sampling.initial_noise(noise_seed_k, noise_shape)."""
+    return {"noise_seed_0": image_0["seed"], "noise_seed_1": image_1["seed"], "noise_shape": image_0["noise_shape"],
+            "sampler": image_0["sampler"]}
 
 
 # ---------------------------------------------------------------------------------- outputs
@@ -338,7 +355,8 @@ def write_grid(records, args):
         make_grid(best, worst, captions).save(os.path.join(args.output_dir, "grid.png"))
 
 
-def summarize(records, rows, left_out, skipped, args, run_info):
+def generation_summary(records, rows, left_out, skipped, args, run_info):
+    """generation_summary.json: images and pairs made, what was left out and why, score statistics, settings."""
     images = [dict(e, prompt_index=r["prompt_index"]) for r in records for e in r["images"]]
     bad = [{"prompt_index": e["prompt_index"], "k": e["k"], "seed": e["seed"], "problem": e["problem"]}
            for e in images if e["problem"] is not None]
@@ -365,6 +383,8 @@ def summarize(records, rows, left_out, skipped, args, run_info):
         "scores": score_statistics(records, rows),
         "output_format": args.output_format,
         "settings": {**{key: getattr(args, key) for key in GENERATION_KEYS}, "seeds": SEED_RULE,
+                     "initial_noise": NOISE_RECIPE, "sampler": SAMPLER_RULE,
+                     "latent_shape": next((e["noise_shape"] for r in records for e in r["images"]), None),
                      "batch_size": args.batch_size,
                      "score": "cosine similarity of image and prompt embeddings, no logit scale",
                      "label_0": "1 if reward_score_0 > reward_score_1, 0 if lower, 0.5 if equal; image 0 is the "
@@ -409,13 +429,14 @@ def main(args):
             reward = load_reward_model(args.reward_model_name_or_path, args.reward_processor_name_or_path,
                                        device, args.cache_dir)
             pipe = load_pipeline(args.pretrained_model_name_or_path, args, device=device)
+            sampler = use_deterministic_sampler(pipe)
             if args.lora_weights:
                 pipe.load_lora_weights(args.lora_weights)
             total = sum(len(shard_prompts(s, args.shard_size, len(prompts))) for s in mine) * args.num_images_per_prompt
             with tqdm(total=total, desc=f"sampling and scoring (process {state.process_index})", unit="image",
                       disable=not state.is_local_main_process) as progress:
                 for shard in mine:
-                    generate_shard(shard, prompts, pipe, reward, args, device, progress, counter)
+                    generate_shard(shard, prompts, pipe, reward, args, device, progress, counter, sampler)
     state.wait_for_everyone()
 
     summary = None
@@ -424,7 +445,7 @@ def main(args):
         rows, left_out = make_pairs(records, args)
         run_info = {"num_processes": state.num_processes, "shards": num_shards,
                     "shards_generated_by_this_run": len(todo), "shards_reused": num_shards - len(todo)}
-        summary = summarize(records, rows, left_out, skipped, args, run_info)
+        summary = generation_summary(records, rows, left_out, skipped, args, run_info)
         with open(os.path.join(args.output_dir, "generation_summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, ensure_ascii=False)
         if rows:

@@ -7,8 +7,9 @@ writes the dataset, all columns kept and in the same row order, with two new flo
 ``reward_score_0`` and ``reward_score_1``: the cosine similarity of the normalised image and
 caption embeddings (no logit scale), which SmPO (``--loss_type smpo``) turns into smoothed
 preferences. A pair with an unreadable image is left out whole; its row number (in the input)
-is printed and listed in ``OUTPUT_DIR/bad_rows.json``. Scoring goes through ``datasets.map``, so
-rerunning on a dataset stored on disk reuses the cached scores.
+is printed and listed in ``OUTPUT_DIR/bad_rows.json``; more of them than ``--max_bad_pair_fraction``
+(1% by default, as in training) stop the script, and so does a dataset with no readable pair.
+Scoring goes through ``datasets.map``, so rerunning on a dataset stored on disk reuses the cached scores.
 """
 
 import argparse
@@ -18,7 +19,8 @@ import os
 import numpy as np
 import torch
 
-from smpo.data import IMAGE_COLUMNS, LABEL_COLUMN, SCORE_COLUMNS, check_columns, load_preference_dataset, open_image
+from smpo.data import (IMAGE_COLUMNS, LABEL_COLUMN, SCORE_COLUMNS, UnreadableImageError, add_bad_pair_flag,
+                       check_bad_pairs, check_columns, load_preference_dataset, open_image)
 from smpo.preflight import missing_path, require, reward_needs
 from smpo.rewards import PICKSCORE, default_reward_processor, load_reward_model, reward_scores
 
@@ -39,6 +41,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max_samples", type=int, default=None, help="score only the first N pairs")
     parser.add_argument("--cache_dir", default=None)
+    add_bad_pair_flag(parser)
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
     if args.reward_processor_name_or_path is None:
@@ -54,11 +57,11 @@ def score_batch(captions, images_0, images_1, rows, model, processor, device):
     readable, pair_images = [], []
     for i, (row, value_0, value_1) in enumerate(zip(rows, images_0, images_1)):
         try:
-            pair_images.append((open_image(value_0), open_image(value_1)))
+            pair_images.append((open_image(value_0, IMAGE_COLUMNS[0]), open_image(value_1, IMAGE_COLUMNS[1])))
             readable.append(i)
-        except Exception as err:  # noqa: BLE001 - any decoding failure leaves the whole pair out
+        except UnreadableImageError as err:  # leaves the whole pair out; any other error is a bug and surfaces
             unreadable[i] = True
-            print(f"row {row}: unreadable image ({type(err).__name__}: {err}); leaving the pair out", flush=True)
+            print(f"row {row}: {err}; leaving the pair out", flush=True)
     if readable:
         caps = [captions[i] for i in readable]
         for k in (0, 1):
@@ -100,6 +103,9 @@ def main(args):
     good_rows = np.flatnonzero(~np.asarray(scores[UNREADABLE], dtype=bool))
     scored = datasets.concatenate_datasets([dataset, scores.remove_columns(UNREADABLE)], axis=1)
     scored = scored.select(good_rows) if bad_rows else scored
+    check_bad_pairs(bad_rows, len(dataset), args.max_bad_pair_fraction, args.dataset_name)
+    if not len(scored):
+        raise SystemExit(f"no readable pair in {args.dataset_name} ({len(dataset)} rows): nothing to write")
     os.makedirs(args.output_dir, exist_ok=True)
     scored.save_to_disk(args.output_dir)
     with open(os.path.join(args.output_dir, "bad_rows.json"), "w") as f:
@@ -112,8 +118,7 @@ def main(args):
         print(f"left out {len(bad_rows)} pairs with an unreadable image, input rows: {bad_rows} (see bad_rows.json)")
     else:
         print("left out 0 pairs")
-    if len(scored):
-        print(f"mean |reward_score_0 - reward_score_1|: {np.mean(np.abs(s0 - s1)):.4f}")
+    print(f"mean |reward_score_0 - reward_score_1|: {np.mean(np.abs(s0 - s1)):.4f}")
     if LABEL_COLUMN in scored.column_names:
         labels = np.asarray(scored[LABEL_COLUMN], dtype=np.float64)
         decided = (labels == 0) | (labels == 1)

@@ -38,8 +38,7 @@ class SDConditioning(Conditioning):
 
         base = args.pretrained_model_name_or_path
         self.tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", revision=args.revision)
-        self.text_encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=args.revision,
-                                                            variant=args.variant)]
+        self.text_encoders = self.load_text_encoders(args)
         self.text_encoders[0].requires_grad_(False).to(device, dtype=dtype)
         self.device = device
         self.text_cache = None  # set by --cache_text_embeddings
@@ -57,6 +56,11 @@ class SDConditioning(Conditioning):
         captions = batch["captions"]
         hidden = self.text_cache(captions) if self.text_cache else self.encode_prompts(captions)
         return {"encoder_hidden_states": hidden.to(self.device).repeat(num_images_per_caption, 1, 1)}
+
+    @staticmethod
+    def load_text_encoders(args):
+        return [CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
+                                             revision=args.revision, variant=args.variant)]
 
     @staticmethod
     def load_vae(args):

@@ -40,11 +40,7 @@ class SDXLConditioning(Conditioning):
         base, rev = args.pretrained_model_name_or_path, args.revision
         self.tokenizers = [CLIPTokenizer.from_pretrained(base, subfolder=sub, revision=rev)
                            for sub in ("tokenizer", "tokenizer_2")]
-        self.text_encoders = [
-            CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=rev, variant=args.variant),
-            CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", revision=rev,
-                                                        variant=args.variant),
-        ]
+        self.text_encoders = self.load_text_encoders(args)
         for encoder in self.text_encoders:
             encoder.requires_grad_(False).to(device, dtype=dtype)
         self.resolution, self.device, self.is_turbo = args.resolution, device, args.is_turbo
@@ -82,6 +78,13 @@ class SDXLConditioning(Conditioning):
         """Uniform over the schedule; SDXL-Turbo: its four timesteps 249, 499, 749, 999 (as the diffusers DPO script)."""
         t = torch.randint(0, num_train_timesteps, (num_pairs,), generator=generator, device=generator.device)
         return 250 * (t % 4) + 249 if self.is_turbo else t
+
+    @staticmethod
+    def load_text_encoders(args):
+        base, rev = args.pretrained_model_name_or_path, args.revision
+        return [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=rev, variant=args.variant),
+                CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", revision=rev,
+                                                            variant=args.variant)]
 
     @staticmethod
     def load_vae(args):

@@ -13,7 +13,8 @@ The whole method lives in three pure functions:
 ``--noise_source``; :mod:`smpo.step` is one training step; :func:`smpo.training.train` runs the
 rest (see its module docstring for where each job lives). :mod:`smpo.data` loads and pairs the images.
 :mod:`smpo.rewards` scores images with a reward model, :mod:`smpo.sampling` samples a pipeline with
-the shared seed rule, :mod:`smpo.grid` draws captioned grids (for score_pairs.py, evaluate.py and
+the shared seed rule (and :func:`smpo.sampling.initial_noise`, each generated image's recorded noise, which
+:mod:`smpo.prior_noise` redraws for ``--noise_source prior``), :mod:`smpo.grid` draws captioned grids (for score_pairs.py, evaluate.py and
 generate_pairs.py).
 """
 

@@ -9,6 +9,8 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, gather_object, reduce
 
+from .data import check_bad_pairs
+
 logger = get_logger("smpo")
 
 
@@ -19,43 +21,59 @@ class RunHealth:
     """
 
     def __init__(self, args, num_pairs):
-        self.max_bad = args.max_bad_pair_fraction * num_pairs
+        self.num_pairs, self.max_bad_fraction = num_pairs, args.max_bad_pair_fraction
+        self.dataset_name = args.dataset_name
         self.max_nonfinite = args.max_nonfinite_steps
-        self.bad_rows, self.skipped_steps, self.nonfinite_in_a_row = [], [], 0
+        self.bad_rows, self.bad_epochs = [], []  # each pair dropped on this process, and in which epoch
+        self.num_bad = 0  # pairs dropped in this epoch by all processes
+        self.skipped_steps, self.nonfinite_in_a_row = [], 0
 
-    def add_bad_rows(self, rows):
-        self.bad_rows.extend(rows)
+    def check_batch(self, accelerator, batch, epoch):
+        """Count the batch's unreadable pairs; stop past --max_bad_pair_fraction. False: skip this batch.
 
-    def after_step(self, step, skipped, num_bad):
-        """Count this update; stop the run if too much went wrong (num_bad: bad pairs of all processes)."""
-        if skipped:
-            self.skipped_steps.append(step)
-            self.nonfinite_in_a_row += 1
-            logger.warning(f"step {step}: non-finite loss, update skipped ({self.nonfinite_in_a_row} in a row)")
-            if self.nonfinite_in_a_row >= self.max_nonfinite:
-                raise SystemExit(
-                    f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss (steps "
-                    f"{self.skipped_steps[-self.nonfinite_in_a_row:]}): stopping. Lower --learning_rate or "
-                    "--beta_dpo, use bf16 instead of fp16, or resume from an earlier checkpoint.")
-        else:
+        Counted per epoch (a bad row is met again in the next epoch) and over all processes, so every
+        process stops together; when any process's batch has no readable pair, all skip it (a process
+        that trained alone would wait for the others' gradients).
+        """
+        self.bad_rows.extend(batch["bad_rows"])
+        self.bad_epochs.extend([epoch] * len(batch["bad_rows"]))
+        rows = [r for r, e in zip(self.bad_rows, self.bad_epochs) if e == epoch]
+        self.num_bad, unreadable_batches = len(rows), int("captions" not in batch)
+        if accelerator.num_processes > 1:
+            counts = reduce(torch.tensor([self.num_bad, unreadable_batches], device=accelerator.device), "sum")
+            self.num_bad, unreadable_batches = counts.tolist()
+        check_bad_pairs(rows, self.num_pairs, self.max_bad_fraction, self.dataset_name, num_bad=self.num_bad)
+        if unreadable_batches and accelerator.num_processes > 1:
+            logger.warning(f"{unreadable_batches} process(es) got a batch without a readable pair: every process "
+                           "skips this batch")
+        return not unreadable_batches
+
+    def after_step(self, step, skipped):
+        """Count this update; stop the run after too many non-finite losses in a row."""
+        if not skipped:
             self.nonfinite_in_a_row = 0
-        if num_bad > self.max_bad:
+            return
+        self.skipped_steps.append(step)
+        self.nonfinite_in_a_row += 1
+        logger.warning(f"step {step}: non-finite loss, update skipped ({self.nonfinite_in_a_row} in a row)")
+        if self.nonfinite_in_a_row >= self.max_nonfinite:
             raise SystemExit(
-                f"{num_bad} pairs had unreadable images (rows so far on this process: {self.bad_rows[:20]}), more "
-                f"than --max_bad_pair_fraction allows ({self.max_bad:.1f} pairs). Clean the dataset (score_pairs.py "
-                "lists and leaves out bad rows) or raise --max_bad_pair_fraction.")
+                f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss (steps "
+                f"{self.skipped_steps[-self.nonfinite_in_a_row:]}): stopping. Lower --learning_rate or "
+                "--beta_dpo, use bf16 instead of fp16, or resume from an earlier checkpoint.")
 
     def summary(self, accelerator, steps, dropped, identical):
-        bad = sorted(r for rows in gather_object([self.bad_rows]) for r in rows)
+        bad = sorted({r for rows in gather_object([self.bad_rows]) for r in rows})
         return {"steps": steps, "num_processes": accelerator.num_processes, "replicas_identical": identical,
                 "dropped_before_training": dropped, "unreadable_rows": bad, "skipped_nonfinite_steps": self.skipped_steps}
 
     def state_dict(self):
-        return {"bad_rows": self.bad_rows, "skipped_steps": self.skipped_steps,
+        return {"bad_rows": self.bad_rows, "bad_epochs": self.bad_epochs, "skipped_steps": self.skipped_steps,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row}
 
     def load_state_dict(self, state):
         self.bad_rows, self.skipped_steps = list(state["bad_rows"]), list(state["skipped_steps"])
+        self.bad_epochs = list(state.get("bad_epochs", [-1] * len(self.bad_rows)))  # older checkpoints: no epochs
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
 
 
@@ -74,17 +92,11 @@ def all_finite(accelerator, nonfinite):
     return not bool(flag.max() > 0)
 
 
-def gather_means(accelerator, pending, totals):
-    """Each metric averaged over the update's micro-batches and the processes, and each count in
-    ``totals`` summed over the processes: one gather, one sync (``accelerate.utils.reduce`` would take
-    one collective per reduction kind, and the log needs both means and sums)."""
+def gather_means(accelerator, pending):
+    """Each metric averaged over the update's micro-batches and the processes: one gather, one sync."""
     names = sorted(pending)
-    means = [torch.stack(pending[k]).mean() for k in names]
-    counts = torch.tensor([float(v) for v in totals.values()], device=accelerator.device)
-    gathered = accelerator.gather(torch.cat([torch.stack(means), counts]).reshape(1, -1))
-    logs = dict(zip(names, gathered[:, :len(names)].mean(0).tolist()))
-    logs.update(zip(totals, map(int, gathered[:, len(names):].sum(0).tolist())))
-    return logs
+    means = torch.stack([torch.stack(pending[k]).mean() for k in names])
+    return dict(zip(names, accelerator.gather(means.reshape(1, -1)).mean(0).tolist()))
 
 
 def _nonfinite_if_asked(loss, step):

@@ -41,7 +41,8 @@ def build_latent_cache(path, pairs, collator, vae, batch_size):
 
     The pairs are read by the training collator's own ``load_pairs`` (the same decoding, transform and
     bad-pair handling as training without the cache): a pair with an unreadable image is left out
-    whole and listed under ``bad_rows``.
+    whole and listed under ``bad_rows``. Every process applies --max_bad_pair_fraction to them when it
+    reads the cache (:func:`smpo.inputs.load_latent_cache`), so nothing here stops the main process alone.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -60,9 +61,8 @@ def build_latent_cache(path, pairs, collator, vae, batch_size):
         sizes.extend([s for _, s, _ in pair] for _, pair, _ in loaded)
         crops.extend([c for _, _, c in pair] for _, pair, _ in loaded)
         rows.extend(e["row"] for e, _, _ in loaded)
-    if not rows:
-        raise SystemExit("no readable pair to cache")
-    tensors = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
+    none = [torch.zeros(0)]  # no readable pair: written all the same, every process stops when it reads the cache
+    tensors = {"mean": torch.cat(means or none).contiguous(), "std": torch.cat(stds or none).contiguous(),
                "original_sizes": torch.tensor(sizes), "crop_top_lefts": torch.tensor(crops),
                "rows": torch.tensor(rows), "bad_rows": torch.tensor(bad_rows, dtype=torch.long)}
     save_file(tensors, path + ".tmp")

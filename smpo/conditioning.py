@@ -34,6 +34,10 @@ class Conditioning(Protocol):
         """UNet kwargs for the winners then the losers (``num_images_per_caption`` 2) or the winners (1)."""
 
     @staticmethod
+    def load_text_encoders(args):
+        """The family's text encoders, in the order ``encode_prompts`` uses them (frozen by ``__init__``)."""
+
+    @staticmethod
     def load_vae(args):
         """The family's VAE (frozen by the caller)."""
 

@@ -8,6 +8,7 @@ scripts, ``score_pairs.py`` and ``generate_pairs.py`` use this module, so every 
 project sees the same pairs.
 """
 
+import argparse
 import io
 import logging
 import random
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 LABEL_COLUMN = "label_0"
 SCORE_COLUMNS = ("reward_score_0", "reward_score_1")
+NOISE_SEED_COLUMNS = ("noise_seed_0", "noise_seed_1")  # generate_pairs.py: each image's initial noise seed
 
 
 def uses_reward_scores(labels):
@@ -123,20 +125,63 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------- decoding
-def open_image(value):
-    """An RGB PIL image from encoded bytes, a datasets Image dict, a file path or a PIL image."""
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, dict):
-        image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-    elif isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, str):
-        image = Image.open(value)
-    else:
-        raise TypeError(f"cannot read an image from a {type(value).__name__}")
-    image.load()  # decode now, so truncated data fails here and not later
-    return image.convert("RGB")
+class UnreadableImageError(ValueError):
+    """An image that cannot be decoded (missing, empty, corrupt, truncated): the one error that drops a pair."""
+
+
+# What PIL raises for such data: UnidentifiedImageError (an OSError) for empty or garbage bytes, OSError for
+# truncated data or a missing file, SyntaxError for some broken chunks, DecompressionBombError for a huge image.
+PIL_DECODING_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
+
+
+def open_image(value, column=None):
+    """An RGB PIL image from encoded bytes, a datasets Image dict, a file path or a PIL image.
+
+    Raises UnreadableImageError (naming ``column``) when there is no image or it cannot be decoded.
+    """
+    where = f" in {column}" if column else ""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if not isinstance(value, Image.Image) and not value:  # None, b"", ""
+        raise UnreadableImageError(f"unreadable image{where} (there is none)")
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, str):
+            image = Image.open(value)
+        else:
+            raise TypeError(f"cannot read an image{where} from a {type(value).__name__}")
+        image.load()  # decode now, so truncated data fails here and not later
+        return image.convert("RGB")
+    except PIL_DECODING_ERRORS as err:
+        raise UnreadableImageError(f"unreadable image{where} ({type(err).__name__}: {err})") from err
+
+
+def add_bad_pair_flag(parser):
+    """--max_bad_pair_fraction, the limit :func:`check_bad_pairs` applies (training and score_pairs.py)."""
+    def fraction(text):
+        if not 0.0 <= float(text) <= 1.0:
+            raise argparse.ArgumentTypeError(f"must be in [0, 1], not {text}")
+        return float(text)
+
+    parser.add_argument("--max_bad_pair_fraction", type=fraction, default=0.01,
+                        help="Stop when more than this fraction of the pairs have an unreadable image (each such "
+                             "pair is left out whole and logged with its row).")
+
+
+def check_bad_pairs(bad_rows, num_pairs, max_fraction, dataset_name, num_bad=None):
+    """Stop (SystemExit) when more than ``max_fraction`` of ``num_pairs`` pairs have an unreadable image.
+
+    ``bad_rows``: the rows known here; ``num_bad``: the count when it is larger (other processes' rows).
+    """
+    num_bad = len(bad_rows) if num_bad is None else num_bad
+    if num_bad > max_fraction * num_pairs:
+        raise SystemExit(
+            f"{num_bad} of {num_pairs} pairs of {dataset_name} have an unreadable image (rows "
+            f"{sorted(bad_rows)[:20]} among them), more than --max_bad_pair_fraction {max_fraction} allows: the "
+            "data is probably broken. Fix or remove those rows, or raise --max_bad_pair_fraction to leave them out.")
 
 
 # -------------------------------------------------------------------------------- transforms
@@ -182,6 +227,8 @@ class PreferenceCollator:
     ``original_sizes`` and ``crop_top_lefts`` (2B, 2) in the same order; ``captions`` (B);
     ``weight`` (B,): the smoothed preference weight (smpo) or 1 (dpo, sft); ``rows`` (B,).
     With a ``latent_cache``, ``latent_mean`` and ``latent_std`` (2B, C, h, w) replace ``pixel_values``.
+    Rows that record their initial noise (generate_pairs.py) add ``noise_seeds`` (2B,) and ``noise_shapes``
+    (2B, 3) in the same winner-then-loser order (see :func:`noise_columns`).
 
     ``labels`` as in :func:`check_columns`: reward scores choose the winner and weight
     (``smpo.labels.preference_weight``), or the human label chooses the winner (ties were removed by
@@ -211,7 +258,7 @@ class PreferenceCollator:
         if self.latent_cache is not None:
             mean, std, sizes, crops = self.latent_cache.pair(example["row"])
             return [((mean[k], std[k]), tuple(sizes[k].tolist()), tuple(crops[k].tolist())) for k in (0, 1)]
-        return self.transform([open_image(example[c]) for c in IMAGE_COLUMNS], rng)
+        return self.transform([open_image(example[c], c) for c in IMAGE_COLUMNS], rng)
 
     def load_pairs(self, examples):
         """([(example, pair, rng), ...] of the readable pairs, [rows of the unreadable ones]), in order."""
@@ -220,9 +267,9 @@ class PreferenceCollator:
             rng = random.Random(f"{self.seed}-{self.epoch}-{e['row']}")
             try:
                 loaded.append((e, self.load_pair(e, rng), rng))
-            except Exception as err:  # noqa: BLE001 - any decoding failure drops the whole pair
+            except UnreadableImageError as err:  # drops the whole pair; any other error is a bug and surfaces
                 bad_rows.append(e["row"])
-                logger.warning("dropping pair at row %d: unreadable image (%s)", e["row"], err)
+                logger.warning("dropping pair at row %d: %s", e["row"], err)
         return loaded, bad_rows
 
     def __call__(self, examples):
@@ -249,12 +296,25 @@ class PreferenceCollator:
             "rows": torch.tensor([e["row"] for e in examples]),
             "bad_rows": bad_rows,
         }
+        batch.update(noise_columns(examples, image_0_wins))
         if self.latent_cache is not None:
             batch["latent_mean"] = torch.stack([m for (m, _), _, _ in both])
             batch["latent_std"] = torch.stack([s for (_, s), _, _ in both])
         else:
             batch["pixel_values"] = torch.stack([p for p, _, _ in both])
         return batch
+
+
+def noise_columns(examples, image_0_wins):
+    """``noise_seeds`` (2B,) and ``noise_shapes`` (2B, 3), winners then losers, of rows that record them, else {}."""
+    if not all(c in examples[0] for c in (*NOISE_SEED_COLUMNS, "noise_shape")):
+        return {}
+    zero_wins = image_0_wins.tolist()
+    seeds = [[e[c] for c in NOISE_SEED_COLUMNS] for e in examples]
+    winners = [s[0] if w else s[1] for s, w in zip(seeds, zero_wins)]
+    losers = [s[1] if w else s[0] for s, w in zip(seeds, zero_wins)]
+    shapes = [list(e["noise_shape"]) for e in examples] * 2  # both images of a pair have the same shape
+    return {"noise_seeds": torch.tensor(winners + losers, dtype=torch.int64), "noise_shapes": torch.tensor(shapes)}
 
 
 def describe_drops(dropped, total):

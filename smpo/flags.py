@@ -6,6 +6,7 @@ accepted too, so that their command lines run with only the script name changed.
 
 import argparse
 
+from .data import add_bad_pair_flag
 from .labels import DEFAULT_GAMMA, DEFAULT_TEMPERATURE
 from .noise_sources import NOISE_SOURCES
 from .objectives import ALIASES, OBJECTIVES
@@ -103,9 +104,7 @@ def build_parser(description, resolution, num_inversion_steps, beta_dpo, inversi
     a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     a("--allow_tf32", action="store_true")
     a("--seed", type=int, default=None)
-    a("--max_bad_pair_fraction", type=float, default=0.01,
-      help="Stop when more than this fraction of the training pairs had an unreadable image (each is dropped "
-           "whole and logged with its row).")
+    add_bad_pair_flag(p)
     a("--max_nonfinite_steps", type=int, default=5,
       help="Stop after this many optimizer steps in a row with a non-finite loss (each such update is skipped).")
     # outputs
@@ -137,9 +136,8 @@ def finish_args(args, objectives=OBJECTIVES):
         args.noise_source = objectives[args.loss_type].noise_source
     if args.num_inversion_steps < 1 or args.num_renoise_steps < 0:
         raise SystemExit("--num_inversion_steps must be >= 1 and --num_renoise_steps >= 0")
-    for name in ("proportion_empty_prompts", "max_bad_pair_fraction"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise SystemExit(f"--{name} must be in [0, 1]")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        raise SystemExit("--proportion_empty_prompts must be in [0, 1]")
     for name in ("checkpoints_total_limit", "max_train_samples", "max_train_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be at least 1")

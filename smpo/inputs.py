@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import (IMAGE_COLUMNS, PairDataset, PairTransform, PreferenceCollator, check_columns, describe_drops,
-                   load_preference_dataset, select_pairs)
+from .data import (IMAGE_COLUMNS, PairDataset, PairTransform, PreferenceCollator, PreferenceDataError,
+                   check_bad_pairs, check_columns, describe_drops, load_preference_dataset, select_pairs)
 
 logger = logging.getLogger("smpo")
 
@@ -37,9 +37,12 @@ def make_dataloader(args, pairs, objective, seed, accelerator, vae):
                                   args.smoothing_gamma, args.proportion_empty_prompts, seed=seed)
     if args.cache_latents:
         collator.latent_cache = load_latent_cache(args, accelerator, pairs, collator, vae)
-        pairs.dropped["unreadable image"] = collator.latent_cache.bad_rows
-        bad = set(collator.latent_cache.bad_rows)
-        pairs.rows = [r for r in pairs.rows if r not in bad]
+        bad = collator.latent_cache.bad_rows  # on every process: all stop together
+        check_bad_pairs(bad, len(pairs.rows), args.max_bad_pair_fraction, args.dataset_name)
+        pairs.dropped["unreadable image"] = bad
+        pairs.rows = sorted(set(pairs.rows) - set(bad))
+        if not pairs.rows:
+            raise PreferenceDataError(f"no readable pair in {args.dataset_name}: every pair has an unreadable image")
         pairs.dataset = pairs.dataset.remove_columns(list(IMAGE_COLUMNS))  # the images are not read again
     logger.info(describe_drops(pairs.dropped, len(pairs.rows)))
     loader = torch.utils.data.DataLoader(PairDataset(pairs.dataset, pairs.rows), batch_size=args.train_batch_size,

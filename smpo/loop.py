@@ -51,8 +51,7 @@ def run_loop(run, global_step, first_epoch, resume_batches):
         if epoch == first_epoch and resume_batches:
             loader = accelerator.skip_first_batches(run.loader, resume_batches)
         for batch in loader:
-            run.health.add_bad_rows(batch["bad_rows"])
-            if "captions" not in batch:  # every pair of this batch was unreadable
+            if not run.health.check_batch(accelerator, batch, epoch):  # stops past --max_bad_pair_fraction
                 continue
             with accelerator.accumulate(run.models.unet):
                 loss, metrics = training_step(args, batch, run.models, run.generator.generator, run.objective,
@@ -73,10 +72,10 @@ def run_loop(run, global_step, first_epoch, resume_batches):
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            logs = gather_means(accelerator, pending, totals={"bad_pairs": len(run.health.bad_rows)})
-            logs["lr"] = run.lr_scheduler.get_last_lr()[0]
-            logs["skipped_update"] = int(skip_update)
-            run.health.after_step(global_step, skip_update, num_bad=logs["bad_pairs"])
+            logs = gather_means(accelerator, pending)
+            logs.update(lr=run.lr_scheduler.get_last_lr()[0], skipped_update=int(skip_update),
+                        bad_pairs=run.health.num_bad)
+            run.health.after_step(global_step, skip_update)
             run.metrics_log.write(global_step, logs, rows=gather_rows(accelerator, rows))
             pending, rows = {}, []
             nonfinite = torch.zeros_like(nonfinite)

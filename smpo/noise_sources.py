@@ -6,10 +6,11 @@ scored on, and the noise that lands there (``add_noise(x0, noise, t) == noisy``)
 """
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
+from .prior_noise import check_prior_data, prior
 from .renoise import epsilon_from_prediction, forward_noise, renoise_inversion
 
 
@@ -20,11 +21,15 @@ class NoiseSource:
     ``models`` is a :class:`smpo.step.Models`; ``timesteps`` (N,) lie on the CPU; ``latents`` hold the
     winners then the losers (or the winners only); ``cond`` is the UNet conditioning of those rows.
     card(args) -> how the model card describes the noise.
+    ``batch_keys``: entries of the training batch that ``make`` also takes, as keyword arguments.
+    ``check(args, pairs)``: run on the training pairs before any model loads, to refuse data or flags it cannot use.
     """
 
     make: Callable
     card: Callable
     help: str = ""
+    batch_keys: tuple = ()
+    check: Optional[Callable] = None
 
 
 def select_rows(cond, index, num_rows):
@@ -65,4 +70,10 @@ NOISE_SOURCES = {
                            f"{args.inversion_model})")),
     "forward": NoiseSource(forward, help="random forward noise (Diffusion-DPO)",
                            card=lambda args: "random forward noise"),
+    "prior": NoiseSource(
+        prior, help="each image's own initial noise, recorded by generate_pairs.py (no inversion; method notes 9)",
+        card=lambda args: ("the initial noise each image was generated from (prior: sqrt(abar_t) x0 + "
+                           "sqrt(1 - abar_t) eps_prior, eps_prior redrawn from noise_seed_0/1 with "
+                           "smpo.sampling.initial_noise)"),
+        batch_keys=("noise_seeds", "noise_shapes"), check=check_prior_data),
 }

@@ -6,13 +6,15 @@ generator seeded with ``seed + i * num_images_per_prompt + k``, whatever the bat
 number of processes.
 """
 
-import gc
-import os
-
 import numpy as np
 import torch
 
 SEED_RULE = "image k of prompt i: seed + i * num_images_per_prompt + k (CPU generator)"
+NOISE_RECIPE = ("smpo.sampling.initial_noise(seed, shape): torch.randn(shape, generator=torch.Generator('cpu')"
+                ".manual_seed(seed), dtype=torch.float32), shape = (latent channels, height / s, width / s) "
+                "(s: the pipeline's vae_scale_factor, 8 for SD and SDXL), cast to the pipeline's dtype and "
+                "passed as latents=")
+SAMPLER_RULE = "DDIMScheduler from the pipeline's scheduler config, eta 0 (deterministic)"
 
 
 # ------------------------------------------------------------------------------------ flags
@@ -119,6 +121,38 @@ def image_seed(seed, prompt_index, k, num_images_per_prompt):
     return seed + prompt_index * num_images_per_prompt + k
 
 
+def initial_noise(seed, shape):
+    """The initial noise of an image: ``torch.randn(shape)`` in fp32 from a CPU generator seeded with ``seed``.
+
+    ``shape`` is one image's latent shape (channels, height // vae_scale_factor, width // vae_scale_factor),
+    e.g. (4, 64, 64) for SD 1.5 at 512 px. generate_pairs.py passes these (stacked, cast to the pipeline's
+    dtype) as the pipeline's ``latents=``, and ``--noise_source prior`` redraws them from the recorded seed:
+    the same numbers on any machine and device, whatever the batch. For an fp32 pipeline they are the
+    numbers diffusers draws itself from ``generator=torch.Generator("cpu").manual_seed(seed)``.
+    """
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn(tuple(int(n) for n in shape), generator=generator, dtype=torch.float32)
+
+
+def latent_shape(pipe, resolution=None):
+    """(channels, h, w) of the pipeline's initial latents at ``resolution`` (default: the pipeline's own size)."""
+    scale = pipe.vae_scale_factor
+    size = resolution or pipe.unet.config.sample_size * scale
+    return (pipe.unet.config.in_channels, size // scale, size // scale)
+
+
+def use_deterministic_sampler(pipe):
+    """Swap the pipeline's scheduler for DDIM (see SAMPLER_RULE); returns the sampler's description.
+
+    SD 1.5's default PNDM and SDXL's Euler are deterministic too, but DDIM with eta 0 is the one sampler
+    whose trajectory smpo.renoise inverts, the same for every model family these scripts train.
+    """
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return "DDIMScheduler, eta 0"
+
+
 def pipeline_dtype(mixed_precision):
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
@@ -129,7 +163,9 @@ def load_pipeline(name_or_path, args, base=True, device=None):
     Reads from ``args``: mixed_precision, pretrained_vae_model_name_or_path, cache_dir, disable_safety_checker,
     and for the base model unet_init (a UNet replacing the pipeline's, e.g. a full fine-tune's), revision, variant.
     """
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
+    from .setup import load_unet_init
 
     dtype = pipeline_dtype(args.mixed_precision)
     components = {}
@@ -137,9 +173,7 @@ def load_pipeline(name_or_path, args, base=True, device=None):
         components["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=dtype,
                                                           cache_dir=args.cache_dir)
     if base and args.unet_init:
-        subfolder = "unet" if os.path.isdir(os.path.join(args.unet_init, "unet")) else None
-        components["unet"] = UNet2DConditionModel.from_pretrained(args.unet_init, subfolder=subfolder,
-                                                                  torch_dtype=dtype, cache_dir=args.cache_dir)
+        components["unet"] = load_unet_init(args.unet_init, torch_dtype=dtype, cache_dir=args.cache_dir)
     extra = {"revision": args.revision, "variant": args.variant} if base else {}
     pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype, cache_dir=args.cache_dir,
                                              **extra, **components)
@@ -147,13 +181,6 @@ def load_pipeline(name_or_path, args, base=True, device=None):
         pipe.safety_checker = None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or args.device)
-
-
-def free_memory(device):
-    """Give back the memory of models the caller has just deleted."""
-    gc.collect()
-    if str(device).startswith("cuda"):
-        torch.cuda.empty_cache()
 
 
 def image_problem(pixels, flagged=False):
@@ -168,18 +195,24 @@ def image_problem(pixels, flagged=False):
 
 
 @torch.no_grad()
-def sample_images(pipe, prompts, seeds, num_inference_steps, guidance_scale, resolution=None):
+def sample_images(pipe, prompts, seeds, num_inference_steps, guidance_scale, resolution=None, noise_shape=None):
     """One image per (prompt, seed), each from its own CPU generator so batching does not change its noise.
 
+    With ``noise_shape`` the initial latents are :func:`initial_noise` (seed, noise_shape), passed as
+    ``latents=`` (generate_pairs.py, which records them); without, the pipeline draws them from the generators.
     Returns a list of (PIL image, problem): problem is None for a usable image, else why it is not (see
     image_problem); the image is returned either way, the caller decides.
     """
     from diffusers.image_processor import VaeImageProcessor
 
     size = {"height": resolution, "width": resolution} if resolution else {}
-    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    if noise_shape is None:
+        noise = {"generator": [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]}
+    else:
+        latents = torch.stack([initial_noise(s, noise_shape) for s in seeds])
+        noise = {"latents": latents.to(pipe.device, pipe.unet.dtype)}
     out = pipe(prompt=list(prompts), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-               generator=generators, output_type="np", **size)
+               output_type="np", **size, **noise)
     flagged = getattr(out, "nsfw_content_detected", None) or [False] * len(seeds)
     results = []
     for pixels, nsfw in zip(np.asarray(out.images), flagged):

@@ -28,12 +28,6 @@ def load_noise_schedule(args):
     return NoiseSchedule(scheduler.alphas_cumprod.float(), prediction_type, scheduler.config.steps_offset)
 
 
-def load_noise_scheduler(args):
-    """(alphas_cumprod, prediction_type, steps_offset): :func:`load_noise_schedule` as a tuple."""
-    s = load_noise_schedule(args)
-    return s.alphas_cumprod, s.prediction_type, s.steps_offset
-
-
 def load_frozen_parts(args, conditioning_class, device, weight_dtype):
     """(conditioning, vae, noise schedule): everything but the trained UNet, frozen and on ``device``."""
     schedule = load_noise_schedule(args)
@@ -60,10 +54,19 @@ def load_unet(args):
     if args.unet_init is None:
         return UNet2DConditionModel.from_pretrained(
             args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant)
-    # a local pipeline folder keeps its UNet in unet/; a UNet folder or hub id has the config at its root
-    pipeline_folder = os.path.isdir(args.unet_init) and not os.path.exists(os.path.join(args.unet_init, "config.json"))
-    subfolder = "unet" if pipeline_folder else None
-    return UNet2DConditionModel.from_pretrained(args.unet_init, subfolder=subfolder)
+    return load_unet_init(args.unet_init)
+
+
+def load_unet_init(unet_init, **kwargs):
+    """The UNet of --unet_init (training, evaluate.py and generate_pairs.py alike); ``kwargs`` go to from_pretrained.
+
+    A UNet folder or hub id has its config.json at the root; a local folder without one is a pipeline folder,
+    whose UNet is in unet/. A folder with both a root config.json and a unet/ subfolder is a UNet folder.
+    """
+    from diffusers import UNet2DConditionModel
+
+    pipeline_folder = os.path.isdir(unet_init) and not os.path.exists(os.path.join(unet_init, "config.json"))
+    return UNet2DConditionModel.from_pretrained(unet_init, subfolder="unet" if pipeline_folder else None, **kwargs)
 
 
 def add_lora(unet, rank):
@@ -73,15 +76,16 @@ def add_lora(unet, rank):
                                 target_modules=LORA_TARGET_MODULES))
 
 
-def setup_unets(args, device, weight_dtype):
-    """The policy UNet and, for full fine-tuning, its frozen reference copy (None for LoRA).
+def setup_unets(args, device, weight_dtype, unet=None):
+    """The policy UNet (``unet``, or :func:`load_unet`'s) and, for full fine-tuning, its frozen reference copy
+    (None for LoRA). ``benchmarks/step_cost.py --random_init`` passes a random-weight ``unet``.
 
     LoRA: the UNet is frozen in the weight dtype and its adapters train in fp32 (under fp16 and
     bf16 alike). Full: the UNet trains in fp32, the reference is a copy in the weight dtype.
     """
     from diffusers.training_utils import cast_training_params
 
-    unet = load_unet(args)
+    unet = load_unet(args) if unet is None else unet
     ref_unet = None
     if args.full_finetune:
         ref_unet = place(copy.deepcopy(unet).requires_grad_(False), device, weight_dtype).eval()

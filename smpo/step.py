@@ -51,8 +51,9 @@ def training_step(args, batch, models, generator, objective, noise_source):
     num_train_timesteps = len(models.schedule.alphas_cumprod)
     t_cpu = models.conditioning.sample_timesteps(num_pairs, num_train_timesteps, generator).repeat(copies)
     t = t_cpu.to(latents.device, non_blocking=True)
-    # 3. noise: the model's own trajectory (ReNoise inversion) or random forward noise
-    noisy, noise = noise_source.make(args, models, latents, t_cpu, cond, generator, num_pairs)
+    # 3. noise: the model's own trajectory (ReNoise inversion), random forward noise, or each image's own (prior)
+    extra = {key: batch[key] for key in noise_source.batch_keys}  # e.g. prior: each image's recorded noise seed
+    noisy, noise = noise_source.make(args, models, latents, t_cpu, cond, generator, num_pairs, **extra)
     schedule = models.schedule
     target = denoising_target(noise, latents, t, schedule.alphas_cumprod, schedule.prediction_type)
     noisy = noisy.to(latents.dtype)

@@ -6,7 +6,8 @@ the objective and noise source to train with (default: those named by ``--loss_t
 
     smpo/flags.py          the flags and their checks          smpo/setup.py        models, optimizer
     smpo/objectives.py     --loss_type: smpo, dpo, ...         smpo/inputs.py       data -> DataLoader, caches
-    smpo/noise_sources.py  --noise_source: renoise, forward    smpo/step.py         one training step
+    smpo/noise_sources.py  --noise_source: renoise, forward,   smpo/step.py         one training step
+                           prior (smpo/prior_noise.py)
     smpo/loop.py           the Accelerate loop                 smpo/bookkeeping.py  health, metrics, summary
     smpo/outputs.py        LoRA / pipeline, model card         smpo/checkpoints.py  save, resume, stop
 """
@@ -21,17 +22,14 @@ from .bookkeeping import (MetricsLog, RunHealth, end_processes, replicas_identic
                           tracker_config, write_summary)
 from .checkpoints import StepGenerator, checkpoint_step, find_checkpoint, register_checkpoint_hooks, \
     remove_partial_checkpoints
-from .flags import DEFAULT_VALIDATION_PROMPTS, build_parser, finish_args  # noqa: F401 (the scripts' API)
 from .inputs import cache_text_embeddings, make_dataloader, open_training_pairs
 from .loop import Run, run_loop
-from .noise_sources import NOISE_SOURCES, select_rows  # noqa: F401
-from .objectives import ALIASES as LOSS_TYPE_ALIASES  # noqa: F401
+from .noise_sources import NOISE_SOURCES
 from .objectives import OBJECTIVES
 from .outputs import log_validation, save_final_model
 from .preflight import require, training_needs, unsupported_mixed_precision
-from .setup import (LORA_TARGET_MODULES, load_frozen_parts, load_noise_schedule, load_noise_scheduler,  # noqa: F401
-                    make_lr_scheduler, make_optimizer, setup_unets)
-from .step import Models, NoiseSchedule, encode_images, make_reference, sample_latents, training_step  # noqa: F401
+from .setup import load_frozen_parts, make_lr_scheduler, make_optimizer, setup_unets
+from .step import Models, make_reference
 
 logger = logging.getLogger("smpo")
 
@@ -49,6 +47,8 @@ def train(args, conditioning_class, objective=None, noise_source=None):
 
         set_seed(args.seed, device_specific=True)  # model-side randomness: different on each process
     pairs = open_training_pairs(args, objective, seed)  # bad data fails here, before any model loads
+    if noise_source.check is not None:
+        noise_source.check(args, pairs)  # e.g. prior: the data must carry each image's noise
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     conditioning, vae, schedule = load_frozen_parts(args, conditioning_class, accelerator.device, weight_dtype)
     unet, ref_unet = setup_unets(args, accelerator.device, weight_dtype)
@@ -139,9 +139,3 @@ def resume(args, accelerator, steps_per_epoch):
     resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
     return global_step, global_step // steps_per_epoch, resume_batches, checkpoint
 
-
-def smpo_loss(args, batch, unet, reference, vae, conditioning, alphas_cumprod, prediction_type, generator,
-              steps_offset=1):
-    """The training step with the objective and noise source named by ``args`` (the pre-0.2 signature)."""
-    models = Models(unet, reference, vae, conditioning, NoiseSchedule(alphas_cumprod, prediction_type, steps_offset))
-    return training_step(args, batch, models, generator, OBJECTIVES[args.loss_type], NOISE_SOURCES[args.noise_source])

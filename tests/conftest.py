@@ -56,6 +56,11 @@ def accelerate_launch(script, *args, **kwargs):
     return run_script(cmd, **kwargs)
 
 
+def lora_up(weights):
+    """The LoRA up (B) matrices, zero at initialisation, in diffusers' saved format (a safetensors dict)."""
+    return [v for k, v in weights.items() if ".lora.up." in k or "lora_B" in k]
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """examples/make_tiny_assets.py output: tiny-sd, tiny-sd-vpred, tiny-sdxl, tiny-reward, tiny-pickapic."""
@@ -79,7 +84,7 @@ def scored_dataset(tiny_assets, tmp_path_factory):
 # hands out whole modules (--dist=loadfile, pyproject.toml) in collection order, so starting the long ones first
 # keeps both workers busy to the end. Tests within a module keep their order.
 SLOW_MODULES = ["test_reliability", "test_train_sd", "test_toy_alignment", "test_readme", "test_performance",
-                "test_generate_pairs", "test_evaluate", "test_train_sdxl", "test_objectives"]
+                "test_prior_noise", "test_generate_pairs", "test_evaluate", "test_train_sdxl", "test_objectives"]
 
 
 def pytest_collection_modifyitems(items):

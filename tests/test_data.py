@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
-from smpo.data import (PairDataset, PairTransform, PreferenceCollator, PreferenceDataError, check_columns,
-                       load_preference_dataset, open_image, select_pairs)
+from smpo.cache import LatentCache
+from smpo.data import (PairDataset, PairTransform, PreferenceCollator, PreferenceDataError, UnreadableImageError,
+                       check_columns, load_preference_dataset, open_image, select_pairs)
 from smpo.labels import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, preference_weight
 
 RES = 32
@@ -483,6 +485,30 @@ def test_a_batch_with_no_readable_pair_holds_only_its_bad_rows(pickapic):
     examples[1]["jpg_1"] = b""
     collator = PreferenceCollator(fixed_transform(), "dpo")
     assert collator(examples) == {"bad_rows": [0, 1]}
+
+
+def test_what_pil_cannot_decode_is_an_unreadable_image_naming_its_column(tmp_path):
+    jpeg, png = encode(random_image(40, 40, 0), "JPEG"), encode(random_image(40, 40, 1))
+    for value in (b"", b"garbage", jpeg[: len(jpeg) // 2], png[: len(png) // 2], png[:100] + b"x" * 50 + png[150:],
+                  None, {"bytes": None, "path": None}, str(tmp_path / "missing.png")):
+        with pytest.raises(UnreadableImageError, match="unreadable image in jpg_1"):
+            open_image(value, "jpg_1")
+
+
+def test_a_bug_while_reading_a_pair_surfaces_and_is_not_counted_as_an_unreadable_image(pickapic, tmp_path):
+    def broken_transform(images, rng):
+        raise ZeroDivisionError("a bug in the transform")
+
+    with pytest.raises(ZeroDivisionError):
+        PreferenceCollator(broken_transform, "dpo")(examples_of(pickapic, [0, 1]))
+    # a latent cache that lacks a row asked for is a bug too, not an unreadable image
+    save_file({"mean": torch.zeros(1, 2, 4, 2, 2), "std": torch.ones(1, 2, 4, 2, 2),
+               "original_sizes": torch.full((1, 2, 2), 16), "crop_top_lefts": torch.zeros(1, 2, 2, dtype=torch.long),
+               "rows": torch.tensor([0]), "bad_rows": torch.tensor([], dtype=torch.long)}, str(tmp_path / "c"))
+    collator = PreferenceCollator(fixed_transform(), "dpo", latent_cache=LatentCache(str(tmp_path / "c")))
+    assert collator(examples_of(pickapic, [0]))["rows"].tolist() == [0]
+    with pytest.raises(KeyError):
+        collator(examples_of(pickapic, [0, 1]))
 
 
 def test_proportion_empty_prompts(pickapic):

@@ -33,21 +33,33 @@ def test_weight_sizes_from_the_method_notes(gap, expected):
 
 
 def test_the_notes_maximum_4_62_is_the_gap_of_the_whole_normalisation_range():
-    # gamma * (2 * sigmoid(gap / tau) - 1) = gamma * tanh(gap / (2 tau)); at gap = tau this is
-    # 10 * tanh(0.5) = 4.621: the "maximum possible" of the notes is for scores inside the
-    # authors' min-max range [PICKSCORE_MIN, PICKSCORE_MAX], not for arbitrary cosines.
+    # at gap = tau: p0 = sigmoid(1) = 0.7310585786, weight = 10 * (2 * 0.7310585786 - 1) = 4.621171573: the
+    # "maximum possible" of the notes is for scores inside the authors' min-max range [PICKSCORE_MIN,
+    # PICKSCORE_MAX], not for arbitrary cosines.
     wins, weight = preference_weight(torch.tensor([PICKSCORE_MAX]), torch.tensor([PICKSCORE_MIN]))
     assert wins.item()
-    assert weight.item() == pytest.approx(4.62, abs=0.01)
-    assert weight.item() == pytest.approx(10 * math.tanh(0.5), abs=1e-5)
+    assert weight.item() == pytest.approx(4.621171573, abs=1e-5)
 
 
-def test_weight_is_gamma_tanh_of_half_the_scaled_gap():
-    gaps = torch.tensor([-0.3, -0.05, -0.001, 0.002, 0.04, 0.25], dtype=torch.float64)
-    for tau, gamma in [(DEFAULT_TEMPERATURE, 10.0), (0.05, 3.0), (1.0, 1.0)]:
-        _, weight = preference_weight(0.5 + gaps, torch.full_like(gaps, 0.5), temperature=tau, gamma=gamma)
-        expected = gamma * torch.tanh(gaps.abs() / (2 * tau))
-        assert torch.allclose(weight.double(), expected, atol=1e-5)
+# The documented definition, worked by hand: gaps of tau * ln(k) give p0 = sigmoid(ln k) = k / (k + 1), so
+# p_winner and gamma * (2 p_winner - 1) are exact fractions.
+@pytest.mark.parametrize("tau, gamma", [(DEFAULT_TEMPERATURE, 10.0), (0.05, 3.0), (1.0, 1.0)])
+@pytest.mark.parametrize("k, p_winner, weight_over_gamma", [
+    (1.0, 0.5, 0.0),    # equal scores
+    (3.0, 0.75, 0.5),   # 2 * 0.75 - 1
+    (4.0, 0.8, 0.6),
+    (9.0, 0.9, 0.8),
+    (99.0, 0.99, 0.98),
+])
+def test_weight_is_gamma_times_2p_minus_1_of_the_sigmoid_of_the_gap_over_tau(tau, gamma, k, p_winner,
+                                                                             weight_over_gamma):
+    assert 1 / (1 + math.exp(-math.log(k))) == pytest.approx(p_winner, abs=1e-12)  # the hand-computed p
+    gap = tau * math.log(k)
+    for s0, s1, image_0_wins in [(0.5 + gap, 0.5, True), (0.5, 0.5 + gap, k == 1.0)]:  # either image winning
+        wins, weight = preference_weight(torch.tensor([s0], dtype=torch.float64), torch.tensor([s1], dtype=torch.float64),
+                                         temperature=tau, gamma=gamma)
+        assert wins.item() == image_0_wins
+        assert weight.item() == pytest.approx(gamma * weight_over_gamma, abs=2e-5 * gamma)
 
 
 def test_weight_grows_with_the_gap_and_stays_in_0_gamma_over_cosine_scores():

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,14 +65,89 @@ def test_inversion_with_the_reference_model_differs_once_the_policy_moves(tiny_a
     assert ref[1:] != policy[1:]  # later the inverted trajectories differ
 
 
-def test_step_cost_benchmark_quick_prints_the_table(tiny_assets, scored_dataset):
-    proc = run_script([sys.executable, os.path.join(ROOT, "benchmarks", "step_cost.py"), "--quick", "--steps", "2",
-                       "--resolution", "32", "--assets", str(tiny_assets), "--dataset_name", str(scored_dataset)])
-    rows = {m.group(1): m.groups()[1:] for m in
-            re.finditer(r"^(smpo|smpo-forward|dpo)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", proc.stdout, re.M)}
-    assert set(rows) == {"smpo", "smpo-forward", "dpo"}
-    # UNet image-forwards per step for 1 pair (2 images): policy 2 + reference 2; SmPO adds K * (R + 1) per image at
-    # most (K = 5, R = 1), and at least one inversion step
-    assert float(rows["dpo"][2]) == 4.0 and float(rows["smpo-forward"][2]) == 4.0
-    assert 4.0 + 2 * 2 <= float(rows["smpo"][2]) <= 4.0 + 5 * 2 * 2
-    assert float(rows["dpo"][1]) == 1.0
+def step_cost(tmp_path, *args):
+    """Run benchmarks/step_cost.py; (its stdout, its JSON)."""
+    out = tmp_path / "step_cost.json"
+    proc = run_script([sys.executable, os.path.join(ROOT, "benchmarks", "step_cost.py"), *map(str, args),
+                       "--output_json", str(out)])
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_step_cost_benchmark_quick_counts_every_image_forward(tiny_assets, scored_dataset, tmp_path):
+    stdout, result = step_cost(tmp_path, "--quick", "--steps", 2, "--resolution", 32, "--assets", tiny_assets,
+                               "--dataset_name", scored_dataset)
+    assert re.search(r"^smpo\s+[\d.]+\s+[\d.]+\s+44\.0\s+6\.00", stdout, re.M)  # the printed table
+    settings, configs = result["settings"], result["configs"]
+    # the scripts' defaults: K = 10 inversion steps on the exact schedule, R = 1
+    assert (settings["num_inversion_steps"], settings["inversion_schedule"], settings["num_renoise_steps"]) == (
+        10, "exact", 1)
+    # per step, 1 pair = 2 images: policy 2 + reference 2; SmPO's inversion adds K (R + 1) = 20 per image (exact
+    # schedule; fewer only for t < K, which seed 0 does not draw)
+    assert configs["dpo"]["image_forwards"] == [4, 4] and configs["smpo-forward"]["image_forwards"] == [4, 4]
+    assert configs["smpo"]["image_forwards"] == [44, 44]
+    assert configs["smpo"]["floor_x_dpo"] == 6.0 and configs["dpo"]["x_dpo"] == 1.0
+    assert configs["dpo"]["peak_memory_mib"] is None  # no accelerator memory on the CPU
+
+
+def test_step_cost_random_init_runs_the_tiny_configs_on_the_cpu(tmp_path):
+    """--random_init: the model built from configs (tiny on the CPU), full fine-tuning counts the reference UNet."""
+    _, result = step_cost(tmp_path, "--random_init", "sdxl", "--steps", 1, "--warmup_steps", 1, "--resolution", 32,
+                          "--train_batch_size", 2, "--full_finetune", "--cache_text_embeddings")
+    assert result["settings"]["size"] == "tiny" and result["settings"]["random_init"] == "sdxl"
+    configs = result["configs"]
+    assert configs["dpo"]["image_forwards"] == [8]  # 4 images through the policy and 4 through the reference copy
+    assert configs["smpo"]["image_forwards"] == [8 + 4 * 10 * 2]
+    assert all(c["seconds_per_step"] > 0 for c in configs.values())
+
+
+# published parameter counts: SD 1.5 UNet 859.52 M, SDXL UNet 2.567 B, FLUX.1-dev transformer 11.9 B,
+# SD3.5 medium 2.5 B ("2.5 billion parameters"; its MMDiT-X transformer alone 2.24 B) and large 8.1 B; CLIP ViT-L/14
+# text 123.06 M, OpenCLIP bigG text + projection 694.66 M, T5 v1.1 XXL encoder 4.76 B
+PUBLISHED = {"sd15": (859.5e6, 859.6e6), "sdxl": (2.567e9, 2.568e9), "sd35-medium": (2.2e9, 2.5e9),
+             "sd35-large": (8.0e9, 8.15e9), "flux-dev": (11.85e9, 11.95e9)}
+TEXT_ENCODERS = {"sd15": [123060480], "sdxl": [123060480, 694659840],
+                 "sd35-medium": [123650304, 694659840, 4762310656], "sd35-large": [123650304, 694659840, 4762310656],
+                 "flux-dev": [123060480, 4762310656]}
+
+
+@pytest.mark.parametrize("model", sorted(PUBLISHED))
+def test_random_init_configs_have_the_published_sizes(model):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import random_models
+
+    counts = random_models.count_parameters(model)
+    low, high = PUBLISHED[model]
+    assert low <= counts["denoiser_params"] <= high
+    assert [n for k, n in counts.items() if k.startswith("text_encoder")] == TEXT_ENCODERS[model]
+    assert 83e6 < counts["vae_params"] < 84e6
+
+
+def test_count_only_prints_one_json_line_and_flow_measurement_stops_with_a_sentence():
+    bench = [sys.executable, os.path.join(ROOT, "benchmarks", "step_cost.py"), "--random_init", "flux-dev"]
+    lines = run_script(bench + ["--count_only"]).stdout.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["denoiser_params"] == 11901408320
+    proc = run_script(bench, check=False)
+    assert proc.returncode != 0 and "flux-dev has no training script yet" in proc.stderr
+
+
+def test_what_fits_json_is_what_the_command_computes_now():
+    """docs/performance/what_fits.json (the docs' "what fits" table) is benchmarks/what_fits.py's output for today's
+    configs, and its verdicts follow the documented rule."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import what_fits
+
+    stored = json.loads((Path(ROOT) / "docs" / "performance" / "what_fits.json").read_text())
+    for model, modes in stored["modes"].items():
+        counts = what_fits.random_models.count_parameters(model)
+        assert counts == stored["counts"][model]
+        assert what_fits.what_fits(counts) == modes
+    sd15 = stored["modes"]["sd15"]["full-adamw"]  # 18 bytes per UNet parameter + the bf16 VAE
+    assert sd15["resident_gib"] == round((18 * 859520964 + 2 * 83653863) / 2**30, 1)
+    assert what_fits.verdict(20.0, 3.0, 24) == "tight"  # 23 GiB > 90% of 24, but the resident 20 GiB <= 24
+    assert what_fits.verdict(25.0, 0.0, 24) == "no" and what_fits.verdict(10.0, 3.0, 24) == "fits"
+
+
+def test_gpu_check_without_a_gpu_says_how_to_rehearse(tmp_path):
+    proc = run_script(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], check=False,
+                      env={"PYTHON": sys.executable, "OUT": str(tmp_path)})
+    assert proc.returncode == 1 and "no CUDA device is visible to torch" in proc.stdout and "--dry_run" in proc.stdout

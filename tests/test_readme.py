@@ -6,7 +6,7 @@ import re
 import sys
 
 import pytest
-from conftest import ROOT, run_script
+from conftest import ROOT, lora_up, run_script
 
 
 def readme_commands(*docs):
@@ -53,6 +53,21 @@ def test_quickstart_script_runs_and_writes_a_lora_and_images(quickstart_dir):
                  "sample.png", "sample-base.png"):
         assert (out / name).exists(), name
     assert len((out / "smpo-lora" / "metrics.jsonl").read_text().splitlines()) == 1 + 8  # the context, then 8 steps
+    assert_lora_trained_and_changes_the_image(out / "smpo-lora", out / "sample.png", out / "sample-base.png")
+
+
+def assert_lora_trained_and_changes_the_image(lora, sample, base_sample):
+    """The LoRA's zero-initialised up (B) matrices moved, and its image (inference_lora.py) differs from the base
+    pipeline's for the same seed."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    up = lora_up(load_file(lora / "pytorch_lora_weights.safetensors"))
+    assert up and any(v.abs().max() > 0 for v in up)
+    with Image.open(sample) as tuned, Image.open(base_sample) as base:
+        assert tuned.size == base.size == (32, 32)
+        assert np.abs(np.asarray(tuned, dtype=int) - np.asarray(base, dtype=int)).max() > 0
 
 
 def test_readme_sdxl_quickstart_command_runs(quickstart_dir):
@@ -81,10 +96,7 @@ def test_inference_script_loads_the_sdxl_lora(quickstart_dir):
                 str(quickstart_dir / "smpo-quickstart" / "assets" / "tiny-sdxl"), "--lora_weights", str(lora),
                 "--prompt", "a cat", "--resolution", "32", "--num_inference_steps", "3", "--device", "cpu",
                 "--output", str(out)])
-    from PIL import Image
-
-    with Image.open(out) as tuned, Image.open(quickstart_dir / "sdxl-base.png") as base:
-        assert tuned.size == base.size == (32, 32)
+    assert_lora_trained_and_changes_the_image(lora, out, quickstart_dir / "sdxl-base.png")
 
 
 @pytest.mark.parametrize("script, k", [("train_sd15_paper.sh", 5), ("train_sdxl_paper.sh", 10)])

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -89,22 +90,73 @@ def test_data_layer_yields_exactly_the_good_pairs_winner_first(dirty_dataset):
 
 
 def test_dirty_dataset_trains_to_the_end_and_reports_each_bad_row(tiny_assets, dirty_dataset, tmp_path):
-    # 15 pairs after the NaN row, 5 batches of 3 = one epoch; 2 of them hold an unreadable pair.
-    proc = train(tiny_assets, dirty_dataset, tmp_path / "smpo", "--max_bad_pair_fraction", 0.2, steps=5)
+    # 15 pairs after the NaN row, 5 batches of 3 = one epoch; 2 of them hold an unreadable pair. Two epochs: the
+    # limit (0.2 x 15 = 3 pairs) counts each bad row once, not once per epoch.
+    proc = train(tiny_assets, dirty_dataset, tmp_path / "smpo", "--max_bad_pair_fraction", 0.2, steps=10)
     log = proc.stderr
-    assert f"row {CORRUPT_ROW}" in log and f"row {TRUNCATED_ROW}" in log and f"[{NAN_ROW}]" in log
+    assert f"row {CORRUPT_ROW}: unreadable image in jpg_1" in log and f"row {TRUNCATED_ROW}" in log
+    assert f"[{NAN_ROW}]" in log
     s = summary(tmp_path / "smpo")
     assert s["unreadable_rows"] == [CORRUPT_ROW, TRUNCATED_ROW]
     assert s["dropped_before_training"] == {"non-finite reward score": [NAN_ROW]}
     trained = [r for m in metrics(tmp_path / "smpo") for r in m["rows"]]
-    assert sorted(trained) == [r for r in range(16) if r not in (CORRUPT_ROW, TRUNCATED_ROW, NAN_ROW)]
+    assert sorted(trained) == sorted(2 * [r for r in range(16) if r not in (CORRUPT_ROW, TRUNCATED_ROW, NAN_ROW)])
     assert metrics(tmp_path / "smpo")[-1]["bad_pairs"] == 2
 
 
-def test_too_many_bad_pairs_stop_the_run_with_a_clear_message(tiny_assets, dirty_dataset, tmp_path):
-    with pytest.raises(SystemExit, match="--max_bad_pair_fraction") as stop:  # default 1%; in this process
-        _main(train_args(tiny_assets, dirty_dataset, tmp_path / "x", steps=5))
-    assert "unreadable" in str(stop.value)
+@pytest.mark.parametrize("cache", [[], ["--cache_latents"]], ids=["decoded", "cached"])
+def test_too_many_bad_pairs_stop_the_run_with_a_clear_message(tiny_assets, dirty_dataset, tmp_path, cache):
+    with pytest.raises(SystemExit, match="--max_bad_pair_fraction 0.01 allows") as stop:  # the default, 1%
+        _main(train_args(tiny_assets, dirty_dataset, tmp_path / "x", *cache, steps=5))
+    assert f"of 15 pairs of {dirty_dataset} have an unreadable image" in str(stop.value)
+
+
+@pytest.fixture(scope="module")
+def unreadable_dataset(scored_dataset, tmp_path_factory):
+    """The scored tiny dataset (16 pairs) with no readable image 0."""
+    rows = [{**row, "jpg_0": b"not an image"} for row in datasets.load_from_disk(str(scored_dataset)).to_list()]
+    path = tmp_path_factory.mktemp("unreadable") / "unreadable"
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+def test_a_dataset_with_no_readable_pair_stops_at_the_first_batch(tiny_assets, unreadable_dataset, tmp_path):
+    with pytest.raises(SystemExit, match=r"^3 of 16 pairs .* have an unreadable image .*--max_bad_pair_fraction"):
+        _main(train_args(tiny_assets, unreadable_dataset, tmp_path / "x", steps=5))
+
+
+def launch_two_processes(*args, timeout=300):
+    """`accelerate launch` on two CPU processes (gloo) on a free port; a hang fails at ``timeout``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           os.path.join(ROOT, "train_smpo_diffusion.py"), *map(str, args)]
+    return run_script(cmd, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, timeout=timeout, check=False)
+
+
+def test_two_processes_with_cached_latents_and_no_readable_pair_both_stop_with_the_message(
+        tiny_assets, unreadable_dataset, tmp_path):
+    proc = launch_two_processes(*train_args(tiny_assets, unreadable_dataset, tmp_path / "x", "--cache_latents"))
+    assert proc.returncode != 0
+    assert proc.stderr.count("16 of 16 pairs of") == 2, proc.stderr[-3000:]  # each process says why it stops
+
+
+def test_two_processes_skip_together_a_batch_one_of_them_cannot_read(tiny_assets, scored_dataset, tmp_path):
+    """One pair per batch, one unreadable pair in 16: the process that gets it has nothing to train on in that batch;
+    the other skips it too, else it would take an 8th step alone and wait for gradients that never come."""
+    rows = datasets.load_from_disk(str(scored_dataset)).to_list()
+    rows[CORRUPT_ROW]["jpg_1"] = b"this is not an image"
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one-bad"))
+    out = tmp_path / "two"
+    proc = launch_two_processes(*train_args(tiny_assets, tmp_path / "one-bad", out, "--train_batch_size", 1,
+                                            "--max_bad_pair_fraction", 0.1, steps=8))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 process(es) got a batch without a readable pair: every process skips this batch" in proc.stderr
+    s = summary(out)
+    assert s["num_processes"] == 2 and s["replicas_identical"] is True and s["unreadable_rows"] == [CORRUPT_ROW]
+    assert [len(set(m["rows"])) for m in metrics(out)] == [2] * 7  # the 8th batch of each process was skipped
 
 
 @pytest.fixture(scope="module")

@@ -35,10 +35,10 @@ def reward(tiny_assets):
     return AutoModel.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
 
 
-def score_pairs(tiny_assets, dataset_path, output_dir, *extra):
+def score_pairs(tiny_assets, dataset_path, output_dir, *extra, check=True):
     return run_script([sys.executable, SCRIPT, "--dataset_name", str(dataset_path),
                        "--reward_model_name_or_path", str(tiny_assets / "tiny-reward"),
-                       "--output_dir", str(output_dir), "--batch_size", "4", "--device", "cpu", *extra])
+                       "--output_dir", str(output_dir), "--batch_size", "4", "--device", "cpu", *extra], check=check)
 
 
 def scores_of(dataset):
@@ -97,9 +97,9 @@ def test_unreadable_images_leave_the_pair_out(tiny_assets, clean, scored, tmp_pa
     assert datasets.load_from_disk(str(broken_path))[1]["jpg_1"] == b"this is not an image at all"
 
     out = tmp_path / "scored"
-    proc = score_pairs(tiny_assets, broken_path, out)
+    proc = score_pairs(tiny_assets, broken_path, out, "--max_bad_pair_fraction", "0.2")
     log = proc.stdout + proc.stderr
-    assert "row 1:" in log and "row 5:" in log and "[1, 5]" in log
+    assert "row 1: unreadable image in jpg_1" in log and "row 5: unreadable image in jpg_0" in log and "[1, 5]" in log
 
     info = json.loads((out / "bad_rows.json").read_text())
     assert info == {"bad_rows": [1, 5], "num_rows_in": len(clean), "num_rows_out": len(clean) - 2}
@@ -111,6 +111,23 @@ def test_unreadable_images_leave_the_pair_out(tiny_assets, clean, scored, tmp_pa
     assert "_unreadable" not in result.column_names
     # same numbers as the clean run for the same rows: nothing shifted within a batch
     np.testing.assert_allclose(scores_of(result), scores_of(scored)[kept], rtol=0, atol=1e-6)
+
+
+def test_too_many_unreadable_pairs_or_none_readable_fail_with_the_training_limit(tiny_assets, clean, tmp_path):
+    rows = clean.to_list()
+    rows[1]["jpg_1"] = b"this is not an image at all"
+    broken = tmp_path / "broken"
+    datasets.Dataset.from_list(rows, features=clean.features).save_to_disk(str(broken))
+    proc = score_pairs(tiny_assets, broken, tmp_path / "a", check=False)  # 1 of 16: over the default 1%, as in training
+    assert proc.returncode != 0 and not (tmp_path / "a").exists()
+    assert f"1 of 16 pairs of {broken} have an unreadable image (rows [1] among them), more than " \
+           "--max_bad_pair_fraction 0.01 allows" in proc.stderr
+
+    nothing = tmp_path / "nothing"
+    datasets.Dataset.from_list([{**r, "jpg_0": b""} for r in rows], features=clean.features).save_to_disk(str(nothing))
+    proc = score_pairs(tiny_assets, nothing, tmp_path / "b", "--max_bad_pair_fraction", "1", check=False)
+    assert proc.returncode != 0 and not (tmp_path / "b").exists()
+    assert f"no readable pair in {nothing} (16 rows)" in proc.stderr
 
 
 def test_metadata_jsonl_image_folder(tiny_assets, clean, scored, tmp_path):
@@ -127,7 +144,7 @@ def test_metadata_jsonl_image_folder(tiny_assets, clean, scored, tmp_path):
     (folder / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
     out = tmp_path / "scored"
-    proc = score_pairs(tiny_assets, folder, out)
+    proc = score_pairs(tiny_assets, folder, out, "--max_bad_pair_fraction", "0.25")
     assert "[3]" in proc.stdout + proc.stderr
     assert json.loads((out / "bad_rows.json").read_text())["bad_rows"] == [3]
     result = datasets.load_from_disk(str(out))

@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import accelerate_launch
+from conftest import accelerate_launch, lora_up
 from safetensors.torch import load_file
 
 SCRIPT = "train_smpo_diffusion.py"
@@ -31,20 +31,29 @@ def base_images(assets, model="tiny-sd"):
     return generate(DiffusionPipeline.from_pretrained(assets / model))
 
 
-def lora_up(weights):
-    """The LoRA up (B) matrices, zero at initialisation, in diffusers' saved format."""
-    return [v for k, v in weights.items() if ".lora.up." in k or "lora_B" in k]
-
-
 def metrics(output_dir):
     return [m for m in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines()) if "step" in m]
+
+
+def optimizer_states(checkpoint):
+    """The per-parameter states of a checkpoint's optimizer.bin (bitsandbytes nests its quantised ones)."""
+    states = torch.load(checkpoint / "optimizer.bin", map_location="cpu", weights_only=True)["state"].values()
+    return [s.get("__bnb_optimizer_quant_state__", s) for s in states]
 
 
 def test_lora_smpo_run_saves_weights_that_load_and_change_images(tiny_assets, scored_dataset, tmp_path):
     from diffusers import DiffusionPipeline
 
     out = tmp_path / "lora"
-    train(tiny_assets, scored_dataset, out, "--use_8bit_adam", "--gradient_checkpointing", steps=3)
+    # rank 64: the 64x64 projections' LoRA matrices reach bitsandbytes' min_8bit_size (4096 elements, below
+    # which it keeps 32-bit state), the 64x32 cross-attention inputs stay under it
+    train(tiny_assets, scored_dataset, out, "--use_8bit_adam", "--gradient_checkpointing", "--rank", 64,
+          "--checkpointing_steps", 3, steps=3)
+    states = optimizer_states(out / "checkpoint-3")
+    assert {s["state1"].numel() >= 4096 for s in states} == {True, False}
+    for s in states:
+        dtype = torch.uint8 if s["state1"].numel() >= 4096 else torch.float32
+        assert s["state1"].dtype == s["state2"].dtype == dtype, s["state1"].shape
     weights = load_file(out / "pytorch_lora_weights.safetensors")
     assert weights and all(k.startswith("unet.") for k in weights)
     assert any(v.abs().max() > 0 for v in lora_up(weights))  # training moved the zero-initialised up weights
@@ -152,28 +161,66 @@ def test_smpo_without_scores_says_to_run_score_pairs_before_loading_a_model(tiny
     assert "reward_score_0" in str(err.value)
 
 
-def test_unet_init_starts_policy_and_reference_from_another_unet(tiny_assets, scored_dataset, tmp_path):
-    """--unet_init takes a UNet folder or a pipeline folder (its unet/); the card says how to load."""
+def scaled_unet(assets, factor=1.5):
+    """tiny-sd's UNet with every weight multiplied by ``factor``: a UNet that predicts differently."""
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_assets / "tiny-sd", subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(assets / "tiny-sd", subfolder="unet")
     with torch.no_grad():
         for p in unet.parameters():
-            p.mul_(1.5)
-    unet.save_pretrained(tmp_path / "sft-unet")
+            p.mul_(factor)
+    return unet
+
+
+def assert_same_unet(loaded, expected, where):
+    assert loaded.config.sample_size == expected.config.sample_size, where
+    weights = loaded.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in expected.state_dict().items()), where
+
+
+def test_unet_init_starts_policy_and_reference_from_another_unet(tiny_assets, scored_dataset, tmp_path):
+    """--unet_init takes a UNet folder or a pipeline folder (its unet/); the card says how to load."""
+    scaled_unet(tiny_assets).save_pretrained(tmp_path / "sft-unet")
     train(tiny_assets, scored_dataset, tmp_path / "other", "--unet_init", tmp_path / "sft-unet", steps=1)
-    first = metrics(tmp_path / "other")[0]
+    train(tiny_assets, scored_dataset, tmp_path / "base", steps=1)  # the same run on the base UNet
+    first, base = metrics(tmp_path / "other")[0], metrics(tmp_path / "base")[0]
     assert first["model_err_w"] == first["ref_err_w"]  # the policy starts where the reference is (LoRA B = 0)
-    # which UNet that is: the --unet_init folder's, or a pipeline folder's unet/ (the LoRA reference is this UNet
-    # with its adapters off)
+    # ... and that is the --unet_init UNet, not the base pipeline's: same data, seed and noise, other errors
+    assert abs(first["ref_err_w"] - base["ref_err_w"]) > 1e-3 * base["ref_err_w"]
+    assert abs(first["ref_err_l"] - base["ref_err_l"]) > 1e-3 * base["ref_err_l"]
+    # which UNet that is: the --unet_init folder's, or a pipeline folder's unet/
     import train_smpo_diffusion
 
     from smpo.setup import load_unet
 
-    for init, expected in ((tmp_path / "sft-unet", unet), (tiny_assets / "tiny-sd", UNet2DConditionModel.from_pretrained(
-            tiny_assets / "tiny-sd", subfolder="unet"))):
+    for init, expected in ((tmp_path / "sft-unet", scaled_unet(tiny_assets)), (tiny_assets / "tiny-sd", scaled_unet(
+            tiny_assets, 1.0))):
         args = train_smpo_diffusion.parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", "y",
                                                 "--unet_init", str(init)])
-        loaded = load_unet(args).state_dict()
-        assert all(torch.equal(loaded[k], v) for k, v in expected.state_dict().items()), init
+        assert_same_unet(load_unet(args), expected, init)
     assert str(tmp_path / "sft-unet") in (tmp_path / "other" / "README.md").read_text()
+
+
+def test_unet_init_folder_with_a_root_config_and_a_unet_subfolder_is_read_alike_everywhere(tiny_assets, tmp_path):
+    """Training (smpo.setup.load_unet) and sampling (evaluate.py / generate_pairs.py through
+    smpo.sampling.load_pipeline) take the same UNet from such a folder: the one whose config is at its root."""
+    from types import SimpleNamespace
+
+    import train_smpo_diffusion
+
+    from smpo.sampling import load_pipeline
+    from smpo.setup import load_unet
+
+    both = tmp_path / "both"
+    root_unet = scaled_unet(tiny_assets)
+    root_unet.save_pretrained(both)
+    other = scaled_unet(tiny_assets, 0.5)
+    other.register_to_config(sample_size=8)  # (diffusers reads the root's weights even with subfolder="unet")
+    other.save_pretrained(both / "unet")
+    args = train_smpo_diffusion.parse_args(["--pretrained_model_name_or_path", str(tiny_assets / "tiny-sd"),
+                                            "--dataset_name", "y", "--unet_init", str(both)])
+    assert_same_unet(load_unet(args), root_unet, "training")
+    sampling_args = SimpleNamespace(mixed_precision="no", pretrained_vae_model_name_or_path=None, cache_dir=None,
+                                    disable_safety_checker=True, unet_init=str(both), revision=None, variant=None,
+                                    device="cpu")
+    assert_same_unet(load_pipeline(tiny_assets / "tiny-sd", sampling_args).unet, root_unet, "sampling")
