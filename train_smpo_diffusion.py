@@ -34,7 +34,7 @@ class SDConditioning(Conditioning):
         return StableDiffusionPipeline
 
     def __init__(self, args, device, dtype):
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTokenizer
 
         base = args.pretrained_model_name_or_path
         self.tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", revision=args.revision)
@@ -59,6 +59,8 @@ class SDConditioning(Conditioning):
 
     @staticmethod
     def load_text_encoders(args):
+        from transformers import CLIPTextModel
+
         return [CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
                                              revision=args.revision, variant=args.variant)]
 

@@ -35,7 +35,7 @@ class SDXLConditioning(Conditioning):
         return StableDiffusionXLPipeline
 
     def __init__(self, args, device, dtype):
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        from transformers import CLIPTokenizer
 
         base, rev = args.pretrained_model_name_or_path, args.revision
         self.tokenizers = [CLIPTokenizer.from_pretrained(base, subfolder=sub, revision=rev)
@@ -81,6 +81,8 @@ class SDXLConditioning(Conditioning):
 
     @staticmethod
     def load_text_encoders(args):
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
         base, rev = args.pretrained_model_name_or_path, args.revision
         return [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=rev, variant=args.variant),
                 CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", revision=rev,
