@@ -1,8 +1,8 @@
 """What every script checks before heavy work (smpo/preflight.py), what a run prints, what trackers receive."""
 
+import importlib.util
 import json
 import os
-import shutil
 import sys
 
 import pytest
@@ -65,7 +65,7 @@ def test_training_names_every_missing_thing_before_making_its_output_folder(tiny
 
 def test_a_missing_tracker_package_stops_a_run_that_would_otherwise_train(tiny_assets, scored_dataset, tmp_path):
     """accelerate drops a tracker it cannot import (at DEBUG level) and trains on: wandb is not installed here."""
-    assert shutil.which("wandb") is None
+    assert importlib.util.find_spec("wandb") is None
     out = tmp_path / "out"
     proc = accelerate_launch("train_smpo_diffusion.py", "--pretrained_model_name_or_path", tiny_assets / "tiny-sd",
                              "--dataset_name", scored_dataset, "--output_dir", out, "--resolution", 32,
