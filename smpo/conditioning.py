@@ -7,7 +7,7 @@ code never asks which family it runs. Subclassing :class:`Conditioning` is optio
 ``pipeline_from_pretrained``); a flow family (SD3, FLUX) overrides the first four.
 """
 
-from typing import ClassVar, Protocol
+from typing import Protocol
 
 import torch
 
@@ -20,12 +20,13 @@ PIPELINE_FAMILIES = {"StableDiffusion3": (True, "train_smpo_diffusion_sd3.py"),
 class Conditioning(Protocol):
     """Captions (and image sizes, crops) of a batch -> UNet keyword arguments, plus the family's model loading.
 
-    Attributes: ``pipeline_class`` (saves and loads the LoRA, builds validation pipelines),
+    Attributes: ``pipeline_class`` (saves and loads the LoRA, builds validation pipelines; a class attribute,
+    or a property that imports it when first used, as the SD and SDXL scripts do),
     ``text_encoders`` (moved to the CPU after ``--cache_text_embeddings``) and ``text_cache`` (set to a
     :class:`smpo.cache.TextCache` then; ``encode_prompts`` is bypassed while it is set).
     """
 
-    pipeline_class: ClassVar[type]
+    pipeline_class: type
     text_encoders: list
     text_cache: object
     denoiser: ClassVar[str] = "unet"  # the trained component: its subfolder, LoRA prefix, save_lora_weights keyword
@@ -97,6 +98,6 @@ def check_pipeline_family(args, conditioning_class, script):
         return
     flow, right_script = PIPELINE_FAMILIES[prefix]
     if flow != conditioning_class.flow:
-        raise SystemExit(f"{args.pretrained_model_name_or_path} is a {name} ({'rectified-flow' if flow else 'DDPM'} "
-                         f"model) and {script} trains {conditioning_class.pipeline_class.__name__} models: "
-                         f"use {right_script} instead.")
+        kind = lambda is_flow: "a rectified-flow" if is_flow else "a DDPM (epsilon / v)"  # noqa: E731
+        raise SystemExit(f"{args.pretrained_model_name_or_path} is a {name}, {kind(flow)} model, and {script} trains "
+                         f"{kind(conditioning_class.flow)[2:]} models: use {right_script} instead.")

@@ -85,6 +85,9 @@ def test_beta_conversion_factor():
     factor = flow(3.0).mean_squared_one_minus_sigma()
     assert 0.10 < factor < 0.125
     assert converted_beta(2000.0, flow(3.0)) == pytest.approx(2000.0 * factor)
+    import train_smpo_diffusion_sd3
+
+    assert train_smpo_diffusion_sd3.BETA_DPO == round(converted_beta(2000.0, flow(3.0)))  # the --help default
 
 
 def test_diffusion_process_gives_the_sd_formulas():
