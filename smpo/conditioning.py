@@ -7,7 +7,7 @@ code never asks which family it runs. Subclassing :class:`Conditioning` is optio
 ``pipeline_from_pretrained``); a flow family (SD3, FLUX) overrides the first four.
 """
 
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -16,6 +16,7 @@ PIPELINE_FAMILIES = {"StableDiffusion3": (True, "train_smpo_diffusion_sd3.py"),
                      "Flux": (True, "train_smpo_diffusion_flux.py"),
                      "StableDiffusionXL": (False, "train_smpo_diffusion_sdxl.py"),
                      "StableDiffusion": (False, "train_smpo_diffusion.py")}
+
 
 class Conditioning(Protocol):
     """Captions (and image sizes, crops) of a batch -> UNet keyword arguments, plus the family's model loading.
