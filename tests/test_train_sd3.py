@@ -17,12 +17,12 @@ SCRIPT = "train_smpo_diffusion_sd3.py"
 NO_T5 = {"text_encoder_3": None, "tokenizer_3": None}
 
 
-def train(assets, dataset, output_dir, *extra, model="tiny-sd3", steps=2, check=True):
+def train(assets, dataset, output_dir, *extra, model="tiny-sd3", steps=2, check=True, env=None):
     return accelerate_launch(
         SCRIPT, "--pretrained_model_name_or_path", assets / model, "--dataset_name", dataset,
         "--output_dir", output_dir, "--resolution", 32, "--train_batch_size", 2, "--max_train_steps", steps,
         "--learning_rate", 1e-3, "--seed", 0, "--checkpointing_steps", 1000, "--num_inversion_steps", 2, *extra,
-        check=check)
+        check=check, env=env)
 
 
 def pipeline(assets, model):
@@ -158,3 +158,10 @@ def test_the_wrong_family_or_an_sd_only_schedule_stops_before_training_naming_th
     assert proc.returncode != 0 and "use --inversion_schedule exact" in proc.stderr
     for name in "abc":
         assert not (tmp_path / name / "metrics.jsonl").exists()
+
+
+def test_a_nan_loss_skips_its_update_as_in_the_sd_scripts(tiny_assets, scored_dataset, tmp_path):
+    proc = train(tiny_assets, scored_dataset, tmp_path, "--loss_type", "dpo", model="tiny-sd3-no-t5",
+                 env={"SMPO_TEST_NAN_LOSS_AT_STEPS": "1"})
+    assert "non-finite loss" in proc.stderr
+    assert [m["skipped_update"] for m in metrics(tmp_path)] == [1, 0]
