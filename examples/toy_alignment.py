@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """A CPU-sized preference-alignment experiment that shows whether SmPO moves a model toward what people prefer.
 
-    python examples/toy_alignment.py --quick          # ~13 min on a 2-core CPU from scratch (790 s measured)
-    python examples/toy_alignment.py                  # the full experiment (27.5 min from scratch)
+    python examples/toy_alignment.py --quick          # the README's first command (its time: the README)
+    python examples/toy_alignment.py                  # the full experiment (about half an hour on 2 cores)
     python examples/toy_alignment.py --minimal        # a smoke test of every stage (CI, ~1 min)
 
 Offline, everything in fp32 on the CPU, written to --work_dir (default ./toy-alignment):
@@ -38,6 +38,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # smpo, from a checkout
+# Threads that wait sleep instead of spinning: with 2 threads on a 2-core machine that runs anything else, spinning
+# made a base UNet step ~5x slower (2 threads, measured back to back on a busy 2-core machine: passive 0.62 s,
+# spinning 3.0 s).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from toy.experiment import parse_args  # noqa: E402  (examples/ is on the path: this file's folder)
 from toy.pipeline import main  # noqa: E402

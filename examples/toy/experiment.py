@@ -3,6 +3,8 @@
 import argparse
 import os
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 SMPO_RENOISE = ["--loss_type", "smpo", "--noise_source", "renoise"]
 
 
@@ -94,6 +96,11 @@ def parse_args(argv=None, description=None):
                    help="torch threads for the stages that run alone: the base model, the reward model, scoring and "
                         "sampling (default: --jobs x --threads, the cores the parallel stages use). The base's weights "
                         "may differ in float rounding with the thread count (its cache key does not hold it).")
+    p.add_argument("--record", metavar="KEY", default=None,
+                   help="Also write this run's results (settings, command line, every number) into --record_file "
+                        "under KEY, replacing that key: how the docs' figures are stored.")
+    p.add_argument("--record_file", default=os.path.join(ROOT, "docs", "results.json"),
+                   help="The JSON file --record writes into (default: the checkout's docs/results.json).")
     p.add_argument("--rebuild_base", action="store_true", help="Retrain the base model even if it is cached.")
     args = p.parse_args(argv)
     args.mode = "minimal" if args.minimal else "quick" if args.quick else "full"

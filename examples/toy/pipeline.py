@@ -2,6 +2,7 @@
 each timed; results.json keeps the timings with the machine's core count and the thread counts used."""
 
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -11,7 +12,7 @@ import numpy as np
 from . import report
 from .base import base_key, train_base
 from .data import preference_data
-from .experiment import METHODS
+from .experiment import METHODS, ROOT
 from .runs import (accelerate_cmd, cached_stage, checkpoint_dirs, evaluate_checkpoint, init_evaluation, load_pipeline,
                    parallel, python_env, run, run_dir, run_record, sample)
 from .stats import aggregate, compare_with_dpo, summarize
@@ -30,7 +31,8 @@ def main(args):
     os.makedirs(work, exist_ok=True)
     timings, t_start = {}, time.time()
     machine = {"nproc": os.cpu_count(), "load_average_at_start": os.getloadavg(), "jobs": args.jobs,
-               "torch_threads": args.threads, "base_threads": args.base_threads}
+               "torch_threads": args.threads, "base_threads": args.base_threads,
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     print(f"toy alignment, {args.mode} mode, in {work}")
     torch.set_num_threads(args.base_threads)  # nothing else runs during the base, data and sampling stages
 
@@ -77,7 +79,8 @@ def main(args):
                          init=(init_evaluation, (base_dir, cfg, eval_seed, base_images, args.threads)))
     torch.set_num_threads(args.base_threads)  # init_evaluation set --threads here when --jobs is 1
     records = {r: run_record(run_dir(runs_dir, *r)) for r in runs}
-    results = {"mode": args.mode, "command": [os.path.basename(sys.argv[0])] + sys.argv[1:],
+    command = shlex.join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])
+    results = {"mode": args.mode, "command": command,
                "settings": settings(args), "data": data_log, "base_model": base_log, "base": base,
                "methods": aggregate({m: METHODS[m] for m in args.methods}, runs, jobs, evaluated, base, records)}
     compare_with_dpo(results)
@@ -91,6 +94,8 @@ def main(args):
     timings["total_s"] = time.time() - t_start
     results.update(timings=timings, machine=machine)
     report.write_outputs(results, work, "" if args.data_source == "world" else "_on_policy", grid_rows, grid_labels)
+    if args.record:
+        report.record(results, args.record_file, args.record)
     return results
 
 

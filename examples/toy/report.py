@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from .runs import write_json
+from .runs import read_json, write_json
 from .stats import standard_error
 from .world import RESOLUTION, to_uint8
 
@@ -126,3 +126,13 @@ def write_outputs(results, work, suffix, grid_rows, grid_labels):
           f"training {t['train_s']:.0f} s, evaluation {t['eval_s']:.0f} s, total {t['total_s']:.0f} s "
           f"({m['nproc']} cores; base {m['base_threads']} threads, runs {m['jobs']} x {m['torch_threads']})")
     print(f"wrote {work}/results{suffix}.json, preference_vs_step{suffix}.png, samples_grid{suffix}.png")
+
+
+def record(results, path, key):
+    """results under ``key`` in the JSON file ``path`` (made if missing; its other keys kept)."""
+    records = read_json(path) if os.path.exists(path) else {}
+    if not isinstance(records, dict):
+        raise SystemExit(f"{path} is not a JSON object: not overwriting it (--record {key})")
+    records[key] = results
+    write_json(path, records)
+    print(f"recorded the results as {key!r} in {path}")

@@ -10,10 +10,10 @@ import sys
 
 import numpy as np
 
+from .experiment import ROOT
 from .stats import summarize
 from .world import CAPTION, RESOLUTION
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ------------------------------------------------------------------------- cached stages
@@ -97,12 +97,17 @@ def run_record(path):
 
 
 def seconds_per_step(run_path):
-    """Training seconds per step between the first and the last checkpoint (start-up excluded)."""
+    """Training seconds per step between the first and the last checkpoint (start-up excluded).
+
+    Timed by the LoRA weights' files: a checkpoint folder's own time changes when an evaluation caches its result
+    there (that made s/step measure the evaluation order).
+    """
     steps = checkpoint_dirs(run_path)
     if len(steps) < 2:
         return None
     (first, a), (last, b) = min(steps.items()), max(steps.items())
-    return (os.path.getmtime(b) - os.path.getmtime(a)) / (last - first)
+    written = lambda path: os.path.getmtime(os.path.join(path, "pytorch_lora_weights.safetensors"))  # noqa: E731
+    return (written(b) - written(a)) / (last - first)
 
 
 def parallel(fn, items, jobs, tqdm, desc, unit="run", init=None):
