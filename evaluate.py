@@ -101,10 +101,15 @@ def generate_images(pipe, prompts, args, which):
 
 
 def generate_base_and_tuned(prompts, args):
-    """Paths of the base's and the tuned model's images; one pipeline in memory at a time."""
+    """Paths of the base's and the tuned model's images, and the sampler; one pipeline in memory at a time.
+
+    Each samples with its pipeline's own scheduler (a flow model's: FlowMatchEulerDiscreteScheduler, Euler);
+    results.json names the base's.
+    """
     from diffusers.training_utils import free_memory
 
     pipe = load_pipeline(args.pretrained_model_name_or_path, args)
+    sampler = type(pipe.scheduler).__name__
     base = generate_images(pipe, prompts, args, "base")
     if args.lora_weights:
         pipe.load_lora_weights(args.lora_weights)
@@ -115,7 +120,7 @@ def generate_base_and_tuned(prompts, args):
     tuned = generate_images(pipe, prompts, args, "tuned")
     del pipe
     free_memory()
-    return base, tuned
+    return base, tuned, sampler
 
 
 # ---------------------------------------------------------------------------------- scoring
@@ -189,7 +194,7 @@ def write_csv(path, prompts, keys, scores):
             writer.writerow(row)
 
 
-def settings(args, image_size):
+def settings(args, image_size, sampler):
     return {
         "prompts": args.prompts_file or f"{args.dataset_name} (split {args.dataset_split_name}, "
                                         f"unique values of {args.caption_column})",
@@ -201,6 +206,7 @@ def settings(args, image_size):
         "image_size": list(image_size),
         "seed": args.seed,
         "seeds": SEED_RULE,
+        "sampler": sampler,
         "mixed_precision": args.mixed_precision,
         "score": "cosine similarity of image and prompt embeddings, no logit scale",
         "win_rate": "per prompt, mean tuned score vs mean base score over its images; win 1, tie 0.5, loss 0; "
@@ -220,7 +226,7 @@ def main(args):
                            args.num_prompts, args.cache_dir)
     os.makedirs(args.output_dir, exist_ok=True)
     print(f"{len(prompts)} prompts x {args.num_images_per_prompt} images, base and tuned")
-    base_paths, tuned_paths = generate_base_and_tuned(prompts, args)
+    base_paths, tuned_paths, sampler = generate_base_and_tuned(prompts, args)
 
     keys = reward_model_keys(args.reward_model_name_or_path)
     scores = {}
@@ -242,7 +248,7 @@ def main(args):
         "tuned": args.lora_weights or args.tuned_model_name_or_path,
         "num_prompts": len(prompts),
         "num_images_per_prompt": args.num_images_per_prompt,
-        "settings": settings(args, base_images[0].size),
+        "settings": settings(args, base_images[0].size, sampler),
         "reward_models": {key: reward_model_result(*scores[key]) for key in keys},
     }
     with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:

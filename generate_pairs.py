@@ -5,10 +5,13 @@
         --prompts_file prompts.txt --num_images_per_prompt 4 --output_dir sd15-pairs
 
 For every prompt the base pipeline (optionally ``--unet_init`` / ``--lora_weights`` on top, for a
-second round) samples ``--num_images_per_prompt`` images with DDIM, eta 0 (deterministic); image k of
+second round) samples ``--num_images_per_prompt`` images with DDIM, eta 0 (deterministic; a flow model, SD3
+or FLUX: its FlowMatchEulerDiscreteScheduler, Euler, deterministic too); image k of
 prompt i (both from 0) starts from the latents ``smpo.sampling.initial_noise(seed + i * num_images_per_prompt
 + k, latent shape)`` (fp32 noise of a CPU generator with that seed, as in evaluate.py), whatever the batch
-size or the number of processes. Every pair row records them (noise_seed_0, noise_seed_1, noise_shape,
+size or the number of processes (FLUX: that unpacked (C, H/8, W/8) noise, packed with the pipeline's
+_pack_latents before it is passed, so the recorded shape is the latents its training script noises). Every
+pair row records them (noise_seed_0, noise_seed_1, noise_shape,
 sampler), so that training can redraw each image's own noise (``--noise_source prior``). The reward model
 (PickScore by default) scores every image: the cosine similarity of image and prompt embeddings, no logit
 scale (smpo/rewards.py, the same scoring as score_pairs.py and evaluate.py). The images of a prompt are
@@ -57,8 +60,8 @@ from smpo.bookkeeping import end_processes
 from smpo.grid import make_grid
 from smpo.preflight import require, reward_needs, sampling_needs
 from smpo.rewards import PICKSCORE, default_reward_processor, load_reward_model, reward_scores
-from smpo.sampling import (NOISE_RECIPE, SAMPLER_RULE, SEED_RULE, add_sampling_flags, check_sampling_args, image_seed,
-                           latent_shape, load_pipeline, read_prompts, read_prompts_file, sample_images,
+from smpo.sampling import (SEED_RULE, add_sampling_flags, check_sampling_args, image_seed, is_flow_model, latent_shape,
+                           load_pipeline, read_prompts, read_prompts_file, sample_images, sampling_rules,
                            use_deterministic_sampler)
 
 PAIRINGS = ("all", "best_worst", "random")
@@ -141,7 +144,7 @@ def generation_settings(args, prompts):
     settings = {key: getattr(args, key) for key in GENERATION_KEYS}
     settings["prompts_sha256"] = hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
     settings["num_prompts"] = len(prompts)
-    settings["sampler"], settings["initial_noise"] = SAMPLER_RULE, NOISE_RECIPE  # older runs sampled otherwise
+    settings["sampler"], settings["initial_noise"] = sampling_rules(args.flow_model)  # older runs sampled otherwise
     return settings
 
 
@@ -383,7 +386,7 @@ def generation_summary(records, rows, left_out, skipped, args, run_info):
         "scores": score_statistics(records, rows),
         "output_format": args.output_format,
         "settings": {**{key: getattr(args, key) for key in GENERATION_KEYS}, "seeds": SEED_RULE,
-                     "initial_noise": NOISE_RECIPE, "sampler": SAMPLER_RULE,
+                     **dict(zip(("sampler", "initial_noise"), sampling_rules(args.flow_model))),
                      "latent_shape": next((e["noise_shape"] for r in records for e in r["images"]), None),
                      "batch_size": args.batch_size,
                      "score": "cosine similarity of image and prompt embeddings, no logit scale",
@@ -407,6 +410,7 @@ def make_state(args):
 def main(args):
     require(sampling_needs(args) + reward_needs([args.reward_model_name_or_path], [args.reward_processor_name_or_path],
                                                 args.cache_dir))  # before any model loads or folder is made
+    args.flow_model = is_flow_model(args)  # SD3, FLUX: the Euler sampler (smpo.sampling.FLOW_SAMPLER_RULE)
     state = make_state(args)
     device = state.device if state.num_processes > 1 or args.device is None else torch.device(args.device)
     prompts, skipped = load_prompts(args)

@@ -82,22 +82,35 @@ class Conditioning(Protocol):
                                                    **{self.denoiser: unet})
 
 
+def pipeline_family(name_or_path, revision=None, cache_dir=None):
+    """(model_index.json's _class_name, a rectified flow?, the script that trains it) of a pipeline, or None when
+    it has no model_index.json or names a class this list does not know."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        found = DiffusionPipeline.load_config(name_or_path, revision=revision, cache_dir=cache_dir)
+    except (OSError, ValueError):
+        return None  # no model_index.json (e.g. a bare folder): the loaders name what is missing
+    name = found.get("_class_name", "")
+    family = family_of(name)
+    return None if family is None else (name, *family)
+
+
+def family_of(class_name):
+    """(a rectified flow?, the script that trains it) of a pipeline class name, or None if unknown."""
+    prefix = next((p for p in PIPELINE_FAMILIES if class_name.startswith(p)), None)
+    return None if prefix is None else PIPELINE_FAMILIES[prefix]
+
+
 def check_pipeline_family(args, conditioning_class, script):
     """Stop before training when model_index.json names a pipeline of the other kind (flow vs diffusion).
 
     Unknown pipeline classes pass: a copied script may train a family this list does not know.
     """
-    from diffusers import DiffusionPipeline
-
-    try:
-        found = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
-    except (OSError, ValueError):
-        return  # no model_index.json (e.g. a bare folder): the loaders name what is missing
-    name = found.get("_class_name", "")
-    prefix = next((p for p in PIPELINE_FAMILIES if name.startswith(p)), None)
-    if prefix is None:
+    family = pipeline_family(args.pretrained_model_name_or_path, args.revision)
+    if family is None:
         return
-    flow, right_script = PIPELINE_FAMILIES[prefix]
+    name, flow, right_script = family
     if flow != conditioning_class.flow:
         kind = lambda is_flow: "a rectified-flow" if is_flow else "a DDPM (epsilon / v)"  # noqa: E731
         raise SystemExit(f"{args.pretrained_model_name_or_path} is a {name}, {kind(flow)} model, and {script} trains "

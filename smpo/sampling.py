@@ -15,6 +15,11 @@ NOISE_RECIPE = ("smpo.sampling.initial_noise(seed, shape): torch.randn(shape, ge
                 "(s: the pipeline's vae_scale_factor, 8 for SD and SDXL), cast to the pipeline's dtype and "
                 "passed as latents=")
 SAMPLER_RULE = "DDIMScheduler from the pipeline's scheduler config, eta 0 (deterministic)"
+# Flow models (SD3, FLUX): the Euler sampler they were trained for, itself deterministic. FLUX's latents are the
+# unpacked (C, H / s, W / s) ones, the shape its training script noises, packed into 2x2 tokens for the pipeline.
+FLOW_SAMPLER_RULE = "FlowMatchEulerDiscreteScheduler from the pipeline's scheduler config (Euler, deterministic)"
+FLOW_NOISE_RECIPE = (NOISE_RECIPE.replace("8 for SD and SDXL", "8 for SD3 and FLUX")
+                     + "; FLUX: packed into 2x2 tokens by the pipeline's _pack_latents first")
 
 
 # ------------------------------------------------------------------------------------ flags
@@ -25,7 +30,7 @@ def add_sampling_flags(parser, dataset_split_name, num_images_per_prompt, output
     """
     a = parser.add_argument
     a("--pretrained_model_name_or_path", required=True,
-      help="The pipeline (SD 1.x/2.x or SDXL; evaluate.py: the base): hub id or local folder.")
+      help="The pipeline (SD 1.x/2.x, SDXL, SD3 / SD3.5 or FLUX; evaluate.py: the base): hub id or local folder.")
     a("--revision", default=None, help="Revision of --pretrained_model_name_or_path.")
     a("--variant", default=None, help="Weight variant of the model files, e.g. fp16.")
     a("--unet_init", default=None,
@@ -134,21 +139,55 @@ def initial_noise(seed, shape):
     return torch.randn(tuple(int(n) for n in shape), generator=generator, dtype=torch.float32)
 
 
+def is_flow_model(args):
+    """Whether --pretrained_model_name_or_path is a rectified-flow pipeline (SD3, FLUX), from its model_index.json."""
+    from .conditioning import pipeline_family
+
+    family = pipeline_family(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    return bool(family and family[1])
+
+
+def sampling_rules(flow):
+    """(sampler, initial-noise recipe) that generate_pairs.py records for a DDPM (False) or flow (True) pipeline."""
+    return (FLOW_SAMPLER_RULE, FLOW_NOISE_RECIPE) if flow else (SAMPLER_RULE, NOISE_RECIPE)
+
+
+def denoiser(pipe):
+    """The pipeline's network: its transformer (SD3, FLUX) or its UNet."""
+    return getattr(pipe, "transformer", None) or pipe.unet
+
+
+def packs_latents(pipe):
+    """Whether the pipeline takes its latents packed into 2x2 tokens (FLUX)."""
+    return hasattr(pipe, "_pack_latents")
+
+
 def latent_shape(pipe, resolution=None):
-    """(channels, h, w) of the pipeline's initial latents at ``resolution`` (default: the pipeline's own size)."""
-    scale = pipe.vae_scale_factor
-    size = resolution or pipe.unet.config.sample_size * scale
-    return (pipe.unet.config.in_channels, size // scale, size // scale)
+    """(channels, h, w) of the pipeline's initial latents at ``resolution`` (default: the pipeline's own size);
+    FLUX's before packing (its transformer's in_channels are 4 latent channels per 2x2 token)."""
+    scale, net = pipe.vae_scale_factor, denoiser(pipe)
+    size = resolution or (getattr(pipe, "default_sample_size", None) or net.config.sample_size) * scale
+    if packs_latents(pipe):  # FluxPipeline.prepare_latents: 2 * (height // (vae_scale_factor * 2))
+        return (net.config.in_channels // 4, 2 * (size // (scale * 2)), 2 * (size // (scale * 2)))
+    return (net.config.in_channels, size // scale, size // scale)
 
 
 def use_deterministic_sampler(pipe):
-    """Swap the pipeline's scheduler for DDIM (see SAMPLER_RULE); returns the sampler's description.
+    """Swap the pipeline's scheduler for the deterministic one (see SAMPLER_RULE); returns its description.
 
     SD 1.5's default PNDM and SDXL's Euler are deterministic too, but DDIM with eta 0 is the one sampler
-    whose trajectory smpo.renoise inverts, the same for every model family these scripts train.
+    whose trajectory smpo.renoise inverts, the same for every DDPM family these scripts train. A flow
+    pipeline (SD3, FLUX) gets a fresh FlowMatchEulerDiscreteScheduler: the Euler steps smpo.renoise.flow_inversion
+    runs backwards.
     """
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
+    from .conditioning import family_of
+
+    family = family_of(type(pipe).__name__)
+    if family and family[0]:
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        return "FlowMatchEulerDiscreteScheduler, Euler"
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     return "DDIMScheduler, eta 0"
 
@@ -173,6 +212,9 @@ def load_pipeline(name_or_path, args, base=True, device=None):
         components["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=dtype,
                                                           cache_dir=args.cache_dir)
     if base and args.unet_init:
+        if is_flow_model(args):
+            raise SystemExit("--unet_init loads a UNet: a flow pipeline (SD3, FLUX) samples with its transformer; "
+                             "drop --unet_init and pass a complete pipeline instead.")
         components["unet"] = load_unet_init(args.unet_init, torch_dtype=dtype, cache_dir=args.cache_dir)
     extra = {"revision": args.revision, "variant": args.variant} if base else {}
     pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype, cache_dir=args.cache_dir,
@@ -210,7 +252,9 @@ def sample_images(pipe, prompts, seeds, num_inference_steps, guidance_scale, res
         noise = {"generator": [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]}
     else:
         latents = torch.stack([initial_noise(s, noise_shape) for s in seeds])
-        noise = {"latents": latents.to(pipe.device, pipe.unet.dtype)}
+        if packs_latents(pipe):  # FLUX: the recorded (unpacked) noise, packed as FluxPipeline.prepare_latents packs
+            latents = pipe._pack_latents(latents, *latents.shape)
+        noise = {"latents": latents.to(pipe.device, denoiser(pipe).dtype)}
     out = pipe(prompt=list(prompts), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                output_type="np", **size, **noise)
     flagged = getattr(out, "nsfw_content_detected", None) or [False] * len(seeds)

@@ -58,30 +58,40 @@ def test_initial_noise_is_a_seeded_cpu_fp32_draw():
     assert not torch.equal(noise, initial_noise(8, (4, 2, 3)))
 
 
-@pytest.mark.parametrize("output_format", ["save_to_disk", "metadata_jsonl"])
-def test_stored_images_are_regenerated_exactly_from_the_recorded_noise(pairs_of, tiny_assets, output_format):
+# each model's deterministic sampler, as generate_pairs.py records it (smpo.sampling.use_deterministic_sampler)
+SAMPLERS = {"tiny-sd": ("DDIMScheduler", "DDIMScheduler, eta 0"),
+            "tiny-sd3": ("FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler, Euler")}
+REGENERATED = [("tiny-sd", "save_to_disk"), ("tiny-sd", "metadata_jsonl"), ("tiny-sd3", "save_to_disk")]
+
+
+@pytest.mark.parametrize("model, output_format", REGENERATED)
+def test_stored_images_are_regenerated_exactly_from_the_recorded_noise(pairs_of, tiny_assets, model, output_format):
     """Every image of the dataset again, from initial_noise(noise_seed_k, noise_shape) and the recorded sampler,
     steps, guidance and size, through a freshly loaded pipeline: the same PNG pixels, bit for bit."""
-    from diffusers import DDIMScheduler, DiffusionPipeline
+    import diffusers
 
-    folder = pairs_of("tiny-sd", output_format)
+    folder = pairs_of(model, output_format)
     pairs = load_preference_dataset(str(folder))
     summary = json.loads((folder / "generation_summary.json").read_text())
-    pipe = DiffusionPipeline.from_pretrained(tiny_assets / "tiny-sd")
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tiny_assets / model)
     pipe.set_progress_bar_config(disable=True)
-    shape = [pipe.unet.config.in_channels, RES // pipe.vae_scale_factor, RES // pipe.vae_scale_factor]
+    net = getattr(pipe, "transformer", None) or pipe.unet
+    shape = [net.config.in_channels, RES // pipe.vae_scale_factor, RES // pipe.vae_scale_factor]
     assert summary["settings"]["latent_shape"] == shape
     assert "initial_noise(seed, shape)" in summary["settings"]["initial_noise"]
+    scheduler, sampler = SAMPLERS[model]
+    assert summary["settings"]["sampler"].startswith(scheduler)
+    eta = {"eta": 0.0} if scheduler == "DDIMScheduler" else {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as generate_pairs.py ran
     try:
         for row in pairs:
-            assert row["sampler"] == "DDIMScheduler, eta 0" and row["noise_shape"] == shape
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            assert row["sampler"] == sampler and row["noise_shape"] == shape
+            pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
             for k in (0, 1):
                 assert row[f"noise_seed_{k}"] == 5 + row["prompt_index"] * 2 + row[f"image_index_{k}"]
                 latents = initial_noise(row[f"noise_seed_{k}"], row["noise_shape"])[None]
-                again = pipe(row["caption"], num_inference_steps=row["num_inference_steps"], eta=0.0,
+                again = pipe(row["caption"], num_inference_steps=row["num_inference_steps"], **eta,
                              guidance_scale=row["guidance_scale"], height=row["height"], width=row["width"],
                              latents=latents, output_type="pil").images[0]
                 stored = np.asarray(open_image(row[f"jpg_{k}"]))
@@ -172,6 +182,12 @@ def test_sd_trains_on_generated_pairs_of_both_formats_with_prior_noise_the_laten
 def test_sdxl_trains_on_its_own_generated_pairs_with_prior_noise(pairs_of, tiny_assets, tmp_path, output_format):
     train("train_smpo_diffusion_sdxl.py", "tiny-sdxl", tiny_assets, pairs_of("tiny-sdxl", output_format),
           tmp_path / "out", "--loss_type", "dpo")
+
+
+def test_sd3_trains_on_its_own_generated_pairs_with_prior_noise(pairs_of, tiny_assets, tmp_path):
+    """A flow model's prior latent is (1 - s) x0 + s eps_prior (the process's add_noise, checked by hand above)."""
+    train("train_smpo_diffusion_sd3.py", "tiny-sd3", tiny_assets, pairs_of("tiny-sd3", "save_to_disk"),
+          tmp_path / "out", "--num_inversion_steps", 2)
 
 
 def refuse(tmp_path, dataset, *extra):
