@@ -1,8 +1,13 @@
 #!/usr/bin/env python
-"""Generate with a base pipeline (SD 1.x/2.x or SDXL) plus a LoRA trained by SmPO.
+"""Generate with a base pipeline (SD 1.x/2.x, SDXL, SD3 / SD3.5 or FLUX) plus a LoRA trained by SmPO.
 
     python examples/inference_lora.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
         --lora_weights smpo-sdxl-lora --prompt "a fox in the snow" --output fox.png
+    python examples/inference_lora.py --pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium \\
+        --lora_weights smpo-sd35m-lora --prompt "a fox in the snow" --guidance_scale 4.5 --output fox.png
+
+The pipeline class is the one the folder's model_index.json names (StableDiffusion3Pipeline, FluxPipeline, ...);
+a pipeline saved without a component (SD3 with text_encoder_3=None) loads without it.
 
 Writes OUTPUT (the LoRA image) and OUTPUT with a -base suffix (the same seed without the LoRA)
 so the two can be compared.
@@ -11,8 +16,13 @@ so the two can be compared.
 import argparse
 import os
 
+import sys
+
 import torch
 from diffusers import DiffusionPipeline
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from smpo.sampling import saved_without  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -31,7 +41,8 @@ def parse_args(argv=None):
 
 def main(args):
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=dtype).to(args.device)
+    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=dtype,
+                                             **saved_without(args.pretrained_model_name_or_path)).to(args.device)
     size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
 
     def sample():

@@ -217,12 +217,24 @@ def load_pipeline(name_or_path, args, base=True, device=None):
                              "drop --unet_init and pass a complete pipeline instead.")
         components["unet"] = load_unet_init(args.unet_init, torch_dtype=dtype, cache_dir=args.cache_dir)
     extra = {"revision": args.revision, "variant": args.variant} if base else {}
+    absent = saved_without(name_or_path, extra.get("revision"), args.cache_dir)  # e.g. SD3 without T5
     pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype, cache_dir=args.cache_dir,
-                                             **extra, **components)
+                                             **extra, **absent, **components)
     if args.disable_safety_checker and getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or args.device)
+
+
+def saved_without(name_or_path, revision=None, cache_dir=None):
+    """{component: None} for each component model_index.json records as absent (null), e.g. an SD3 pipeline saved
+    with text_encoder_3=None: from_pretrained loads such a folder only when told so."""
+    import diffusers
+
+    index = diffusers.DiffusionPipeline.load_config(name_or_path, revision=revision, cache_dir=cache_dir)
+    optional = set(getattr(getattr(diffusers, index.get("_class_name", ""), None), "_optional_components", ()))
+    return {name: None for name, value in index.items()
+            if name not in optional and isinstance(value, list) and value[0] is None}
 
 
 def image_problem(pixels, flagged=False):

@@ -184,12 +184,6 @@ def test_sdxl_trains_on_its_own_generated_pairs_with_prior_noise(pairs_of, tiny_
           tmp_path / "out", "--loss_type", "dpo")
 
 
-def test_sd3_trains_on_its_own_generated_pairs_with_prior_noise(pairs_of, tiny_assets, tmp_path):
-    """A flow model's prior latent is (1 - s) x0 + s eps_prior (the process's add_noise, checked by hand above)."""
-    train("train_smpo_diffusion_sd3.py", "tiny-sd3", tiny_assets, pairs_of("tiny-sd3", "save_to_disk"),
-          tmp_path / "out", "--num_inversion_steps", 2)
-
-
 def refuse(tmp_path, dataset, *extra):
     """Run the SD script's main in-process on a model folder that does not exist: only checks that come
     before any model loads can answer."""
