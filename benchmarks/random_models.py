@@ -17,9 +17,11 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(HERE, "configs")
 MODELS = ("sd15", "sdxl", "sd35-medium", "sd35-large", "flux-dev")
-SCRIPTS = {"sd15": "train_smpo_diffusion", "sdxl": "train_smpo_diffusion_sdxl"}  # the flow families have none yet
+# the family (benchmarks/step_cost.py --family) whose training script and conditioning each model runs
+MODEL_FAMILY = {"sd15": "sd", "sdxl": "sdxl", "sd35-medium": "sd3", "sd35-large": "sd3"}
 NATIVE_RESOLUTION = {"sd15": 512, "sdxl": 1024, "sd35-medium": 1024, "sd35-large": 1024, "flux-dev": 1024}
-TINY_ASSETS = {"sd15": "tiny-sd", "sdxl": "tiny-sdxl"}  # --size tiny: examples/make_tiny_assets.py's models
+# --size tiny: examples/make_tiny_assets.py's models
+TINY_ASSETS = {"sd15": "tiny-sd", "sdxl": "tiny-sdxl", "sd35-medium": "tiny-sd3", "sd35-large": "tiny-sd3"}
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "examples")]  # smpo, make_tiny_assets
 
 
@@ -35,10 +37,22 @@ def config_folder(model, size, work):
         getattr(make_tiny_assets, "build_" + TINY_ASSETS[model].split("-")[1])(work)
         return os.path.join(work, TINY_ASSETS[model])
     shutil.copytree(os.path.join(CONFIGS, model), folder)
-    # the real tokenizers are not needed for timing: any tokenizer padding to CLIP's 77 tokens gives the same shapes
+    # the real tokenizers are not needed for timing: any tokenizer padding to CLIP's 77 tokens (T5: to
+    # --max_sequence_length) gives the same shapes
     for name in sorted(n for n in os.listdir(folder) if n.startswith("text_encoder")):
-        make_tiny_assets.make_tokenizer().save_pretrained(os.path.join(folder, "tokenizer" + name[12:]))
+        t5 = "T5" in build_config(folder, name)["architectures"][0]
+        tokenizer = make_tiny_assets.make_t5_tokenizer() if t5 else make_tiny_assets.make_tokenizer()
+        tokenizer.save_pretrained(os.path.join(folder, "tokenizer" + name[12:]))
+    if model in MODEL_FAMILY and MODEL_FAMILY[model] == "sd3":  # the SD3 script reads model_index.json (is there a T5?)
+        with open(os.path.join(folder, "model_index.json"), "w") as f:
+            json.dump({"_class_name": "StableDiffusion3Pipeline", "text_encoder_3": ["transformers", "T5EncoderModel"]},
+                      f)
     return folder
+
+
+def build_config(folder, name):
+    with open(os.path.join(folder, name, "config.json")) as f:
+        return json.load(f)
 
 
 def components(folder):
@@ -49,8 +63,7 @@ def components(folder):
 
 def build(folder, name, device="cpu"):
     """The component ``name`` of ``folder`` with random weights, created on ``device`` ("meta": no memory)."""
-    with open(os.path.join(folder, name, "config.json")) as f:
-        config = json.load(f)
+    config = build_config(folder, name)
     with torch.device(device):
         if "_class_name" in config:  # a diffusers model
             import diffusers
@@ -84,15 +97,14 @@ def random_init_assets(args):
     from make_tiny_assets import pickapic_rows
 
     model = args.random_init
-    if model not in SCRIPTS:
-        raise SystemExit(f"{model} has no training script yet (the flow-matching families wait for issue 18), so "
-                         f"only --count_only works for it.")
+    if model not in MODEL_FAMILY:
+        raise SystemExit(f"{model} has no training script yet, so only --count_only works for it.")
     args.size = args.size or ("full" if args.device.startswith("cuda") else "tiny")
     folder = config_folder(model, args.size, tempfile.mkdtemp(prefix="smpo-random-"))
-    args.pretrained_model_name_or_path, args.sdxl = folder, model == "sdxl"
+    args.pretrained_model_name_or_path, args.family = folder, MODEL_FAMILY[model]
     if args.resolution is None and args.size == "full":
         args.resolution = NATIVE_RESOLUTION[model]
-    if args.sdxl:  # an fp16-safe VAE (same shapes), as examples/train_sdxl_lora_24gb.sh: it runs in the weight dtype
+    if args.family == "sdxl":  # an fp16-safe VAE (same shapes), as examples/train_sdxl_lora_24gb.sh: runs in weight dtype
         args.extra_flags = ["--pretrained_vae_model_name_or_path", os.path.join(folder, "vae")]
     rows = pickapic_rows(args.train_batch_size)
     for i, row in enumerate(rows):

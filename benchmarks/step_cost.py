@@ -4,6 +4,9 @@
     python benchmarks/step_cost.py --quick --output_json docs/performance/step_cost_quick.json  # tiny SD, CPU (~3 min)
     python benchmarks/step_cost.py --random_init sdxl --mixed_precision bf16 --use_8bit_adam \\
         --gradient_checkpointing --output_json sdxl.json      # full-size SDXL, random weights, on a GPU; no download
+    python benchmarks/step_cost.py --quick --family sd3 --output_json docs/performance/step_cost_quick_sd3.json  # tiny SD3
+    python benchmarks/step_cost.py --random_init sd35-medium --mixed_precision bf16 --use_8bit_adam \\
+        --gradient_checkpointing --cache_text_embeddings        # full-size SD3.5 medium, random weights, on a GPU
     python benchmarks/step_cost.py --random_init flux-dev --count_only    # parameter counts (meta device), seconds
     python benchmarks/step_cost.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --dataset_name PAIRS-scored --resolution 512 --mixed_precision fp16     # your own model and data
@@ -14,7 +17,10 @@ noise hits all three alike:
 
     smpo          --loss_type smpo --noise_source renoise (K inversion steps, R renoise steps; the scripts' K=10 exact)
     smpo-forward  --loss_type smpo --noise_source forward (smoothing only)
-    dpo           --loss_type dpo  --noise_source forward (Diffusion-DPO)
+    dpo           --loss_type dpo  --noise_source forward (Diffusion-DPO; Flow-DPO on a flow model)
+
+--family picks the training script whose conditioning and process run (sd, sdxl, sd3); on a flow model
+(sd3) the inversion is the Euler + ReNoise one and "UNet" below means its transformer.
 
 and prints seconds per optimizer step (median), UNet image-forwards per step (counted by a hook: a call on n
 images counts n), peak accelerator memory, each as a ratio to DPO, and the floor ratio implied by the
@@ -49,6 +55,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import random_models  # noqa: E402
 
 CONFIGS = {"smpo": ("smpo", "renoise"), "smpo-forward": ("smpo", "forward"), "dpo": ("dpo", "forward")}
+# --family: (training script, its conditioning class, its tiny model of examples/make_tiny_assets.py)
+FAMILIES = {"sd": ("train_smpo_diffusion", "SDConditioning", "tiny-sd"),
+            "sdxl": ("train_smpo_diffusion_sdxl", "SDXLConditioning", "tiny-sdxl"),
+            "sd3": ("train_smpo_diffusion_sd3", "SD3Conditioning", "tiny-sd3")}
 
 
 def parse_args(argv=None):
@@ -63,7 +73,9 @@ def parse_args(argv=None):
                    help="with --random_init: published shapes or the tiny test models (default: full on CUDA, else tiny)")
     p.add_argument("--output_json", default=None, help="also write the results here")
     p.add_argument("--pretrained_model_name_or_path", default=None)
-    p.add_argument("--sdxl", action="store_true", help="use the SDXL script's conditioning")
+    p.add_argument("--family", default="sd", choices=sorted(FAMILIES),
+                   help="the training script whose conditioning and process run (with --quick: its tiny model)")
+    p.add_argument("--sdxl", action="store_true", help="the same as --family sdxl")
     p.add_argument("--dataset_name", default=None, help="a scored preference dataset (default: the tiny one)")
     p.add_argument("--resolution", type=int, default=None,
                    help="default: the family's native size with --random_init --size full, else 96, chosen for the "
@@ -98,7 +110,7 @@ def allocated(device):
 class Setup:
     """One configuration: its own LoRA (or full) UNet and optimizer on shared frozen parts."""
 
-    def __init__(self, name, args, script, frozen, batch, build_unet=None):
+    def __init__(self, name, args, script, frozen, batch, build_unet=None, family=None):
         from smpo.setup import make_optimizer, setup_unets
         from smpo.step import Models, make_reference
 
@@ -108,7 +120,7 @@ class Setup:
         self.args = script.parse_args(self.flags(args, loss_type, noise_source))
         self.objective, self.noise_source = script.OBJECTIVES[loss_type], script.NOISE_SOURCES[noise_source]
         unet = build_unet() if build_unet else None  # --random_init: built here, so that own_memory counts it
-        unet, reference_unet = setup_unets(self.args, args.device, self.weight_dtype(args), unet=unet)
+        unet, reference_unet = setup_unets(self.args, args.device, self.weight_dtype(args), unet=unet, family=family)
         self.unet, self.name, self.batch = unet, name, batch
         self.params = [p for p in unet.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.args, self.params)
@@ -116,12 +128,16 @@ class Setup:
         self.generator = torch.Generator().manual_seed(args.seed)  # on the host, as in training
         self.calls = 0
         for model in filter(None, (unet, reference_unet)):  # full fine-tuning: the reference is a second UNet
-            model.register_forward_pre_hook(lambda _, inputs: setattr(self, "calls", self.calls + inputs[0].shape[0]))
+            model.register_forward_pre_hook(self.count, with_kwargs=True)
         self.autocast = torch.autocast(args.device.split(":")[0], dtype=self.weight_dtype(args),
                                        enabled=args.mixed_precision != "no")
         self.times, self.call_counts, self.step_growth = [], [], 0
         self.step()  # the optimizer state exists after the first step
         self.own_memory = None if before is None else allocated(args.device) - before
+
+    def count(self, _, inputs, kwargs):
+        """A call on n images counts n (the latents come first, or as hidden_states=)."""
+        self.calls += (inputs[0] if inputs else kwargs["hidden_states"]).shape[0]
 
     @staticmethod
     def weight_dtype(args):
@@ -187,7 +203,7 @@ def quick_assets(args):
         run("score_pairs.py", "--dataset_name", f"{assets}/tiny-pickapic", "--reward_model_name_or_path",
             f"{assets}/tiny-reward", "--output_dir", f"{work}/scored", "--device", "cpu")
         args.dataset_name = f"{work}/scored"
-    args.pretrained_model_name_or_path = f"{assets}/tiny-{'sdxl' if args.sdxl else 'sd'}"
+    args.pretrained_model_name_or_path = f"{assets}/{FAMILIES[args.family][2]}"
     args.device, args.warmup_steps = "cpu", 2
     args.steps = args.steps or 8
     args.threads = args.threads or 1
@@ -211,6 +227,7 @@ def main(args):
         return
     if args.quick and args.random_init:
         raise SystemExit("give --quick or --random_init MODEL, not both")
+    args.family = "sdxl" if args.sdxl else args.family
     folder, rows = random_models.random_init_assets(args) if args.random_init else (None, None)
     if args.quick:
         quick_assets(args)
@@ -221,8 +238,9 @@ def main(args):
     if args.pretrained_model_name_or_path is None or (args.dataset_name is None and rows is None):
         raise SystemExit("give --quick, --random_init MODEL, or --pretrained_model_name_or_path and --dataset_name "
                          "(a scored dataset)")
-    script = importlib.import_module("train_smpo_diffusion_sdxl" if args.sdxl else "train_smpo_diffusion")
-    conditioning_class = script.SDXLConditioning if args.sdxl else script.SDConditioning
+    script_name, class_name, _ = FAMILIES[args.family]
+    script = importlib.import_module(script_name)
+    conditioning_class = getattr(script, class_name)
     if folder:
         conditioning_class = random_models.random_init_conditioning(conditioning_class, folder, args.device)
     from smpo.setup import load_frozen_parts
@@ -238,8 +256,9 @@ def main(args):
     if args.cache_text_embeddings:
         cache_text_embeddings(args, frozen[0], batch)
     shared = allocated(args.device)
-    build_unet = (lambda: random_models.build(folder, "unet", args.device)) if folder else None
-    setups = [Setup(name, args, script, frozen, batch, build_unet) for name in CONFIGS]
+    denoiser = conditioning_class.denoiser  # "unet", or "transformer" (SD3)
+    build_unet = (lambda: random_models.build(folder, denoiser, args.device)) if folder else None
+    setups = [Setup(name, args, script, frozen, batch, build_unet, conditioning_class) for name in CONFIGS]
 
     for _ in range(args.warmup_steps - 1):  # each Setup took one step already
         for s in setups:
@@ -257,7 +276,7 @@ def results(args, setups, shared):
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
               else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s))")
     settings = {k: getattr(args, k) for k in (
-        "random_init", "size", "pretrained_model_name_or_path", "resolution", "train_batch_size", "num_inversion_steps",
+        "random_init", "size", "family", "pretrained_model_name_or_path", "resolution", "train_batch_size", "num_inversion_steps",
         "inversion_schedule", "num_renoise_steps", "full_finetune", "rank", "mixed_precision", "use_8bit_adam",
         "gradient_checkpointing", "cache_text_embeddings", "warmup_steps", "steps", "seed")}
     images = 2 * args.train_batch_size  # winners and losers

@@ -64,7 +64,7 @@ def main():
     for model in random_models.MODELS:
         counts = random_models.count_parameters(model)
         out["counts"][model], out["modes"][model] = counts, what_fits(counts)
-        script = "" if model in random_models.SCRIPTS else " (no script yet)"
+        script = "" if model in random_models.MODEL_FAMILY else " (no script yet)"
         for mode, row in out["modes"][model].items():
             cells = " | ".join(f"{row[f'{c}GB']} (computed)" for c in CARDS_GIB)
             print(f"| {model}{script} | {mode} | {row['resident_gib']} | {row['activation_allowance_gib']} | {cells} |")
