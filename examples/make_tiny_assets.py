@@ -8,6 +8,7 @@ writes
     OUT_DIR/tiny-sd/          StableDiffusionPipeline   (epsilon prediction)
     OUT_DIR/tiny-sd-vpred/    the same weights, v-prediction scheduler
     OUT_DIR/tiny-sdxl/        StableDiffusionXLPipeline (two text encoders, micro-conditioning)
+    OUT_DIR/tiny-flux/        FluxPipeline (CLIP + T5, guidance-distilled like FLUX.1-dev, 16-channel VAE)
     OUT_DIR/tiny-reward/      CLIPModel + CLIPProcessor (a PickScore stand-in)
     OUT_DIR/tiny-pickapic/    a `save_to_disk` dataset with the Pick-a-Pic v2 column schema:
                               JPEG bytes of uneven sizes, one tie (label_0 = 0.5)
@@ -126,6 +127,68 @@ def build_sdxl(out_dir):
     pipe.save_pretrained(os.path.join(out_dir, "tiny-sdxl"))
 
 
+def make_t5_tokenizer():
+    """A T5TokenizerFast over single characters: a `tokenizers` Unigram model (no sentencepiece file, no download).
+
+    Ids as T5's: <pad> 0, </s> 1 (appended to every sequence), <unk> 2; lower-cased like the other tiny tokenizers.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = list(string.ascii_lowercase + string.digits + ".,!?'-")
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(c, -2.0) for c in chars] + [("\u2581" + c, -1.5) for c in chars]  # word-initial pieces win
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=512)
+
+
+def make_t5_encoder(vocab_size, d_model=32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0,
+    ))
+
+
+def build_flux(out_dir):
+    """FLUX.1-dev in miniature: CLIP (pooled) + T5 (sequence) text encoders, a guidance-embedding
+    FluxTransformer2DModel on 2x2-packed 16-channel latents, FLUX's VAE latent shift/scale and its
+    dynamically shifted FlowMatchEulerDiscreteScheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(3)
+    tokenizer, t5_tokenizer = make_tokenizer(), make_t5_tokenizer()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1, norm_num_groups=8,
+        sample_size=32, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16 * 4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(text_config(len(tokenizer))), tokenizer=tokenizer,
+        text_encoder_2=make_t5_encoder(len(t5_tokenizer)), tokenizer_2=t5_tokenizer, transformer=transformer,
+    )
+    pipe.save_pretrained(os.path.join(out_dir, "tiny-flux"))
+
+
 def build_reward(out_dir):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
 
@@ -199,6 +262,7 @@ def main():
     os.makedirs(args.out_dir, exist_ok=True)
     build_sd(args.out_dir)
     build_sdxl(args.out_dir)
+    build_flux(args.out_dir)
     build_reward(args.out_dir)
     build_dataset(args.out_dir, args.num_pairs)
     with open(os.path.join(args.out_dir, "README.json"), "w") as f:
