@@ -10,7 +10,9 @@ The whole method lives in three pure functions:
   DPO variants ``hinge_loss`` and ``ipo_loss`` beside it).
 
 :mod:`smpo.objectives` and :mod:`smpo.noise_sources` name them for ``--loss_type`` and
-``--noise_source``; :mod:`smpo.step` is one training step; :func:`smpo.training.train` runs the
+``--noise_source``; :mod:`smpo.processes` holds what differs between diffusion (SD, SDXL) and rectified-flow
+(SD3, FLUX) models, which the step, the noise sources and the inversion ask (:func:`smpo.renoise.flow_inversion`
+is the flow models' ReNoise); :mod:`smpo.step` is one training step; :func:`smpo.training.train` runs the
 rest (see its module docstring for where each job lives). :mod:`smpo.data` loads and pairs the images.
 :mod:`smpo.rewards` scores images with a reward model, :mod:`smpo.sampling` samples a pipeline with
 the shared seed rule (and :func:`smpo.sampling.initial_noise`, each generated image's recorded noise, which

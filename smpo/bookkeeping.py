@@ -154,13 +154,12 @@ class MetricsLog:
                 f.write(json.dumps({"step": step, **logs, "rows": rows}) + "\n")
 
 
-def run_context(args, accelerator, prediction_type, steps_offset):
+def run_context(args, accelerator, process_context):
     """What a metrics.jsonl reader needs to know about the run: the method, its noise and its scale."""
     keys = ("loss_type", "noise_source", "num_inversion_steps", "num_renoise_steps", "inversion_schedule",
             "inversion_model", "beta_dpo", "learning_rate", "train_batch_size", "gradient_accumulation_steps",
             "drop_human_ties", "full_finetune", "seed")
-    return {**{k: getattr(args, k) for k in keys}, "steps_offset": steps_offset, "prediction_type": prediction_type,
-            "num_processes": accelerator.num_processes}
+    return {**{k: getattr(args, k) for k in keys}, **process_context, "num_processes": accelerator.num_processes}
 
 
 def tracker_config(args):

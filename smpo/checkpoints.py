@@ -3,7 +3,7 @@
 A checkpoint is written to ``checkpoint-N.tmp`` and renamed to ``checkpoint-N`` only when every
 process has finished writing, so a run killed mid-save leaves the previous checkpoint as the
 latest complete one. ``checkpoint-N/`` holds the LoRA weights (``pytorch_lora_weights.safetensors``)
-or the full UNet (``unet/``), the optimizer, LR scheduler, sampler and RNG states, and the state
+or the full network (``unet/`` or ``transformer/``), the optimizer, LR scheduler, sampler and RNG states, and the state
 of the run (step generator, bad-pair and non-finite counters).
 """
 
@@ -21,30 +21,36 @@ TMP_SUFFIX = ".tmp"
 
 
 def lora_state_dict(unet):
-    """The LoRA weights of the UNet in diffusers' format (what save_lora_weights writes)."""
+    """The LoRA weights of the network (UNet or transformer) in diffusers' format (what save_lora_weights writes)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unwrap(unet)))
 
 
-def load_lora_into_existing_adapter(unet, pipeline_class, folder):
-    """Resume: set the saved LoRA weights into the UNet's existing adapter (no second adapter)."""
+def save_lora(pipeline_class, folder, unet, denoiser="unet"):
+    """``pipeline_class.save_lora_weights(folder, <denoiser>_lora_layers=...)``: what load_lora_weights loads."""
+    pipeline_class.save_lora_weights(folder, **{f"{denoiser}_lora_layers": lora_state_dict(unet)})
+
+
+def load_lora_into_existing_adapter(unet, pipeline_class, folder, denoiser="unet"):
+    """Resume: set the saved LoRA weights into the network's existing adapter (no second adapter)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
     state = pipeline_class.lora_state_dict(folder)
     state = state[0] if isinstance(state, tuple) else state
-    state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+    prefix = f"{denoiser}."
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise RuntimeError(f"LoRA checkpoint in {folder} has keys the UNet does not: {unexpected[:5]}")
 
 
-def register_checkpoint_hooks(accelerator, full_finetune, pipeline_class):
-    """Save only what is trained (LoRA weights, or the UNet), and load it back into the same modules."""
-    from diffusers import UNet2DConditionModel
+def register_checkpoint_hooks(accelerator, full_finetune, pipeline_class, denoiser="unet"):
+    """Save only what is trained (LoRA weights, or the network in ``denoiser``/), and load it back into the same
+    modules."""
     from diffusers.training_utils import cast_training_params
 
     def save_hook(models, weights, output_dir):
@@ -52,9 +58,9 @@ def register_checkpoint_hooks(accelerator, full_finetune, pipeline_class):
             return
         for model in models:
             if full_finetune:
-                unwrap(model).save_pretrained(os.path.join(output_dir, "unet"))
+                unwrap(model).save_pretrained(os.path.join(output_dir, denoiser))
             else:
-                pipeline_class.save_lora_weights(output_dir, unet_lora_layers=lora_state_dict(model))
+                save_lora(pipeline_class, output_dir, model, denoiser)
             if weights:
                 weights.pop()
 
@@ -62,10 +68,10 @@ def register_checkpoint_hooks(accelerator, full_finetune, pipeline_class):
         while models:
             model = unwrap(models.pop())
             if full_finetune:
-                loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+                loaded = type(model).from_pretrained(input_dir, subfolder=denoiser)
                 model.load_state_dict(loaded.state_dict())
             else:
-                load_lora_into_existing_adapter(model, pipeline_class, input_dir)
+                load_lora_into_existing_adapter(model, pipeline_class, input_dir, denoiser)
                 cast_training_params(model, torch.float32)
 
     accelerator.register_save_state_pre_hook(save_hook)

@@ -2,13 +2,18 @@
 
 A script (SD, SDXL, or your copy) defines one class that follows :class:`Conditioning`; the shared
 code never asks which family it runs. Subclassing :class:`Conditioning` is optional (it is a
-``typing.Protocol``), but it gives the default ``sample_timesteps``, ``vae_dtype`` and
-``pipeline_from_pretrained``.
+``typing.Protocol``), but it gives the defaults of a UNet diffusion family (``denoiser``,
+``lora_target_modules``, ``load_process``, ``load_denoiser``, ``sample_timesteps``, ``vae_dtype``,
+``pipeline_from_pretrained``); a flow family (SD3, FLUX) overrides the first four.
 """
 
 from typing import ClassVar, Protocol
 
 import torch
+
+# the pipeline classes whose scheduler is a rectified flow (model_index.json's _class_name prefix) and their script
+FLOW_PIPELINES = {"StableDiffusion3": "train_smpo_diffusion_sd3.py", "Flux": "train_smpo_diffusion_flux.py"}
+DIFFUSION_PIPELINES = {"StableDiffusionXL": "train_smpo_diffusion_sdxl.py", "StableDiffusion": "train_smpo_diffusion.py"}
 
 
 class Conditioning(Protocol):
@@ -22,6 +27,9 @@ class Conditioning(Protocol):
     pipeline_class: ClassVar[type]
     text_encoders: list
     text_cache: object
+    denoiser: ClassVar[str] = "unet"  # the trained component: its subfolder, LoRA prefix, save_lora_weights keyword
+    lora_target_modules: ClassVar[tuple] = ("to_k", "to_q", "to_v", "to_out.0")
+    flow: ClassVar[bool] = False  # a rectified-flow family (its load_process returns a RectifiedFlow)
 
     def __init__(self, args, device, dtype):
         """Load the tokenizers and frozen text encoders onto ``device`` in ``dtype``."""
@@ -40,6 +48,20 @@ class Conditioning(Protocol):
     def load_vae(args):
         """The family's VAE (frozen by the caller)."""
 
+    @staticmethod
+    def load_process(args):
+        """The noising process (:mod:`smpo.processes`): the pipeline scheduler's DDPM schedule."""
+        from .setup import load_noise_schedule
+
+        return load_noise_schedule(args)
+
+    @staticmethod
+    def load_denoiser(args):
+        """The policy network before LoRA: the pipeline's UNet, or --unet_init's."""
+        from .setup import load_unet
+
+        return load_unet(args)
+
     def sample_timesteps(self, num_pairs, num_train_timesteps, generator):
         """One training timestep per pair, drawn on the CPU with ``generator``: uniform over the schedule."""
         return torch.randint(0, num_train_timesteps, (num_pairs,), generator=generator, device=generator.device)
@@ -50,7 +72,28 @@ class Conditioning(Protocol):
         return weight_dtype
 
     def pipeline_from_pretrained(self, args, unet, torch_dtype=None):
-        """The base pipeline with the trained ``unet`` (validation, full fine-tuning's output)."""
-        return self.pipeline_class.from_pretrained(args.pretrained_model_name_or_path, unet=unet,
-                                                   revision=args.revision, variant=args.variant,
-                                                   torch_dtype=torch_dtype)
+        """The base pipeline with the trained network ``unet`` in place of its ``denoiser`` (validation, full
+        fine-tuning's output)."""
+        return self.pipeline_class.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
+                                                   variant=args.variant, torch_dtype=torch_dtype,
+                                                   **{self.denoiser: unet})
+
+
+def check_pipeline_family(args, conditioning_class, script):
+    """Stop before training when model_index.json names a pipeline of the other kind (flow vs diffusion).
+
+    Unknown pipeline classes pass: a copied script may train a family this list does not know.
+    """
+    from diffusers import DiffusionPipeline
+
+    try:
+        found = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
+    except (OSError, ValueError):
+        return  # no model_index.json (e.g. a bare folder): the loaders name what is missing
+    name = found.get("_class_name", "")
+    for kinds, flow in ((FLOW_PIPELINES, True), (DIFFUSION_PIPELINES, False)):
+        prefix = next((p for p in kinds if name.startswith(p)), None)
+        if prefix and flow != conditioning_class.flow:
+            raise SystemExit(f"{args.pretrained_model_name_or_path} is a {name} ({'rectified-flow' if flow else 'DDPM'} "
+                             f"model) and {script} trains {conditioning_class.pipeline_class.__name__} models: "
+                             f"use {kinds[prefix]} instead.")

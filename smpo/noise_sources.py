@@ -1,8 +1,9 @@
 """Where the training noise comes from: each ``--noise_source`` defined once, with its model-card words.
 
 A :class:`NoiseSource` turns the clean latents of a batch into the noisy latents the UNets are
-scored on, and the noise that lands there (``add_noise(x0, noise, t) == noisy``). The method itself
-(the fp32 DDIM / ReNoise formulas) is in :mod:`smpo.renoise`; this module wires it to the models.
+scored on, and the noise that lands there (``process.add_noise(x0, noise, t) == noisy``). The method
+itself (the fp32 DDIM / Euler / ReNoise formulas) is in :mod:`smpo.renoise`, what differs between
+diffusion and flow models in :mod:`smpo.processes`; this module wires them to the models.
 """
 
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from .prior_noise import check_prior_data, prior
-from .renoise import epsilon_from_prediction, forward_noise, renoise_inversion
+from .step import predict
 
 
 @dataclass(frozen=True)
@@ -43,23 +44,21 @@ def select_rows(cond, index, num_rows):
 
 def renoise(args, models, latents, timesteps, cond, generator, num_pairs):
     """SmPO: ReNoise inversion of each clean latent to its timestep, by the policy or the reference."""
-    unet, schedule = models.unet, models.schedule
+    unet = models.unet
     inverter = models.reference if args.inversion_model == "reference" else (
-        lambda z, step_t, c: unet(z, step_t, **c).sample)  # no_grad: no DDP sync is set up
+        lambda z, model_t, c: predict(unet, z, model_t, c))  # no_grad: no DDP sync is set up
 
-    def eps_fn(z, step_t, index):  # only the samples still inverting, with their own conditioning
-        pred = inverter(z.to(latents.dtype), step_t, select_rows(cond, index, len(timesteps)))
-        return epsilon_from_prediction(pred, z, step_t, schedule.alphas_cumprod, schedule.prediction_type)
+    def predict_rows(z, model_t, index):  # only the samples still inverting, with their own conditioning
+        return inverter(z.to(latents.dtype), model_t, select_rows(cond, index, len(timesteps)))
 
-    return renoise_inversion(eps_fn, latents, timesteps, schedule.alphas_cumprod, args.num_inversion_steps,
-                             args.num_renoise_steps, args.inversion_schedule, schedule.steps_offset)
+    return models.process.invert(predict_rows, latents, timesteps, args)
 
 
 def forward(args, models, latents, timesteps, cond, generator, num_pairs):
     """Diffusion-DPO: random Gaussian noise (drawn on the host generator), shared by the two images of a pair."""
     noise = torch.randn(latents[:num_pairs].shape, generator=generator, device=generator.device)
-    noise = noise.to(latents.device).repeat(len(latents) // num_pairs, 1, 1, 1)
-    return forward_noise(latents, noise, timesteps.to(latents.device), models.schedule.alphas_cumprod)
+    noise = noise.to(latents.device).repeat(len(latents) // num_pairs, *[1] * (latents.dim() - 1))
+    return models.process.add_noise(latents, noise, timesteps.to(latents.device)), noise.float()
 
 
 NOISE_SOURCES = {
@@ -73,7 +72,7 @@ NOISE_SOURCES = {
     "prior": NoiseSource(
         prior, help="each image's own initial noise, recorded by generate_pairs.py (no inversion; method notes 9)",
         card=lambda args: ("the initial noise each image was generated from (prior: sqrt(abar_t) x0 + "
-                           "sqrt(1 - abar_t) eps_prior, eps_prior redrawn from noise_seed_0/1 with "
-                           "smpo.sampling.initial_noise)"),
+                           "sqrt(1 - abar_t) eps_prior, or (1 - s) x0 + s eps_prior on a flow model, eps_prior "
+                           "redrawn from noise_seed_0/1 with smpo.sampling.initial_noise)"),
         batch_keys=("noise_seeds", "noise_shapes"), check=check_prior_data),
 }

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from .checkpoints import lora_state_dict
+from .checkpoints import save_lora
 
 
 def save_final_model(args, accelerator, conditioning, unet, dropped, objective, noise_source):
@@ -12,11 +12,12 @@ def save_final_model(args, accelerator, conditioning, unet, dropped, objective, 
     pipeline_class = conditioning.pipeline_class
     unet = accelerator.unwrap_model(unet)
     if args.full_finetune:
-        pipeline = conditioning.pipeline_from_pretrained(args, unet=unet.to(torch.float32))
+        pipeline = conditioning.pipeline_from_pretrained(args, unet.to(torch.float32))
         pipeline.save_pretrained(args.output_dir)
     else:
-        pipeline_class.save_lora_weights(args.output_dir, unet_lora_layers=lora_state_dict(unet))
-    write_model_card(args, pipeline_class.__name__, dropped, objective.card, noise_source.card(args))
+        save_lora(pipeline_class, args.output_dir, unet, conditioning.denoiser)
+    write_model_card(args, pipeline_class.__name__, dropped, objective.card, noise_source.card(args),
+                     conditioning.denoiser)
     if args.push_to_hub:
         from huggingface_hub import create_repo, upload_folder
 
@@ -26,7 +27,7 @@ def save_final_model(args, accelerator, conditioning, unet, dropped, objective, 
                       ignore_patterns=["checkpoint-*", "step_*", "epoch_*"])
 
 
-def write_model_card(args, pipeline_class_name, dropped, method, noise):
+def write_model_card(args, pipeline_class_name, dropped, method, noise, denoiser="unet"):
     """OUTPUT_DIR/README.md: metadata, what was trained how, how to load it, every flag.
 
     The metadata block and tags come from huggingface_hub's ModelCardData and diffusers'
@@ -47,7 +48,8 @@ def write_model_card(args, pipeline_class_name, dropped, method, noise):
             how += (f"\n# trained on top of the UNet {args.unet_init}: load it into the pipeline first "
                     "(pipe.unet = UNet2DConditionModel.from_pretrained(...)) before load_lora_weights")
     flags = "\n".join(f"- `--{k}`: `{v}`" for k, v in sorted(vars(args).items()) if k != "hub_token")
-    what = f"LoRA (rank {args.rank}) weights" if not args.full_finetune else "A fully fine-tuned UNet"
+    network = {"unet": "UNet"}.get(denoiser, denoiser)
+    what = f"LoRA (rank {args.rank}) weights" if not args.full_finetune else f"A fully fine-tuned {network}"
     init = f" (UNet initialised from `{args.unet_init}`)" if args.unet_init else ""
     text = f"""
 # {os.path.basename(os.path.abspath(args.output_dir))}
@@ -88,7 +90,7 @@ def log_validation(args, accelerator, conditioning, unet, weight_dtype, step, fi
         return
     model = accelerator.unwrap_model(unet)
     was_training = model.training
-    pipeline = conditioning.pipeline_from_pretrained(args, unet=model, torch_dtype=weight_dtype)
+    pipeline = conditioning.pipeline_from_pretrained(args, model, torch_dtype=weight_dtype)
     pipeline.set_progress_bar_config(disable=True)
     images = []
     with torch.no_grad(), accelerator.autocast():

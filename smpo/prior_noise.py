@@ -5,6 +5,7 @@ Pairs written by generate_pairs.py record each image's initial noise (method not
 :func:`smpo.sampling.initial_noise`. The training latent of an image is the pair's t point
 
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps_prior,    eps = eps_prior,
+    (a flow model: x_s = (1 - s) x0 + s eps_prior, the process's own noising)
 
 the winner's and the loser's each from their own noise. This is exact at both ends of the DDIM
 trajectory and an approximation in between (the path is curved); and x0 is the VAE encoding of the
@@ -20,7 +21,6 @@ import torch
 
 from .data import NOISE_SEED_COLUMNS
 from .loading import PreferenceDataError
-from .renoise import forward_noise
 from .sampling import initial_noise
 
 PRIOR_COLUMNS = (*NOISE_SEED_COLUMNS, "noise_shape", "height", "width")
@@ -67,4 +67,4 @@ def prior(args, models, latents, timesteps, cond, generator, num_pairs, noise_se
     """The winners then the losers, each noised to t with its own generation noise (no random draw)."""
     n = len(latents)  # the winners and the losers, or the winners alone
     noise = prior_noise(noise_seeds[:n], noise_shapes[:n], latents.shape[1:]).to(latents.device)
-    return forward_noise(latents, noise, timesteps.to(latents.device), models.schedule.alphas_cumprod)
+    return models.process.add_noise(latents, noise, timesteps.to(latents.device)), noise.float()

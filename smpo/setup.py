@@ -1,18 +1,19 @@
-"""Model set-up: the noise schedule, the frozen parts (text encoders, VAE), the policy and reference UNets,
-the optimizer. Used by the training loop and by ``benchmarks/step_cost.py`` alike."""
+"""Model set-up: the process (noise schedule), the frozen parts (text encoders, VAE), the policy and reference
+networks (UNet or transformer), the optimizer. Used by the training loop and by ``benchmarks/step_cost.py`` alike."""
 
 import copy
 import os
 
 import torch
 
-from .step import NoiseSchedule
+from .processes import Diffusion
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
 def load_noise_schedule(args):
-    """The training scheduler's alphas_cumprod in fp32, its prediction type (checked) and steps_offset."""
+    """The :class:`~smpo.processes.Diffusion` process: the training scheduler's alphas_cumprod in fp32, its
+    prediction type (checked) and steps_offset."""
     from diffusers import DDPMScheduler
 
     config = DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision)
@@ -25,17 +26,16 @@ def load_noise_schedule(args):
     if prediction_type not in ("epsilon", "v_prediction"):
         raise SystemExit(f"prediction_type '{prediction_type}' of {args.pretrained_model_name_or_path} is not "
                          "supported: SmPO training needs an epsilon or v_prediction model.")
-    return NoiseSchedule(scheduler.alphas_cumprod.float(), prediction_type, scheduler.config.steps_offset)
+    return Diffusion(scheduler.alphas_cumprod.float(), prediction_type, scheduler.config.steps_offset)
 
 
 def load_frozen_parts(args, conditioning_class, device, weight_dtype):
-    """(conditioning, vae, noise schedule): everything but the trained UNet, frozen and on ``device``."""
-    schedule = load_noise_schedule(args)
-    schedule.alphas_cumprod = schedule.alphas_cumprod.to(device)
+    """(conditioning, vae, process): everything but the trained network, frozen and on ``device``."""
+    process = conditioning_class.load_process(args).to(device)
     conditioning = conditioning_class(args, device, weight_dtype)
     vae = conditioning.load_vae(args).requires_grad_(False)
     vae.to(device, dtype=conditioning.vae_dtype(args, weight_dtype))
-    return conditioning, vae, schedule
+    return conditioning, vae, process
 
 
 def load_unet(args):
@@ -60,30 +60,39 @@ def load_unet_init(unet_init, **kwargs):
     return UNet2DConditionModel.from_pretrained(unet_init, subfolder="unet" if pipeline_folder else None, **kwargs)
 
 
-def add_lora(unet, rank):
+def add_lora(unet, rank, target_modules=LORA_TARGET_MODULES):
     from peft import LoraConfig
 
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=LORA_TARGET_MODULES))
+                                target_modules=list(target_modules)))
 
 
-def setup_unets(args, device, weight_dtype, unet=None):
-    """The policy UNet (``unet``, or :func:`load_unet`'s) and, for full fine-tuning, its frozen reference copy
-    (None for LoRA). ``benchmarks/step_cost.py --random_init`` passes a random-weight ``unet``.
+def lora_targets(args, family=None):
+    """--lora_layers (comma-separated module names) if given, else the family's targets, else SD's."""
+    if getattr(args, "lora_layers", None):
+        return [name.strip() for name in args.lora_layers.split(",") if name.strip()]
+    return list(getattr(family, "lora_target_modules", LORA_TARGET_MODULES))
+
+
+def setup_unets(args, device, weight_dtype, unet=None, family=None):
+    """The policy network (``unet``, else the family's ``load_denoiser``, else :func:`load_unet`'s) and, for full
+    fine-tuning, its frozen reference copy (None for LoRA). ``benchmarks/step_cost.py --random_init`` passes a
+    random-weight ``unet``. ``family``: the conditioning class (its ``load_denoiser`` and ``lora_target_modules``).
 
     LoRA: the UNet is frozen in the weight dtype and its adapters train in fp32 (under fp16 and
     bf16 alike). Full: the UNet trains in fp32, the reference is a copy in the weight dtype.
     """
     from diffusers.training_utils import cast_training_params
 
-    unet = load_unet(args) if unet is None else unet
+    if unet is None:
+        unet = family.load_denoiser(args) if family is not None else load_unet(args)
     ref_unet = None
     if args.full_finetune:
         ref_unet = copy.deepcopy(unet).requires_grad_(False).to(device, dtype=weight_dtype).eval()
         unet.requires_grad_(True).to(device)
     else:
         unet.requires_grad_(False).to(device, dtype=weight_dtype)
-        add_lora(unet, args.rank)
+        add_lora(unet, args.rank, lora_targets(args, family))
         cast_training_params(unet, torch.float32)
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()

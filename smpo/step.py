@@ -3,7 +3,8 @@
 encode -> one timestep per pair -> noise (ReNoise inversion or forward noise) -> policy and
 reference errors -> the objective's loss. What changes between methods comes in as an
 :class:`~smpo.objectives.Objective` and a :class:`~smpo.noise_sources.NoiseSource`; what changes
-between SD and SDXL comes in as the conditioning (:class:`smpo.conditioning.Conditioning`).
+between SD, SDXL and SD3 comes in as the conditioning (:class:`smpo.conditioning.Conditioning`) and
+the process (:mod:`smpo.processes`: how a latent is noised, the target, the time the network is told).
 """
 
 from dataclasses import dataclass
@@ -12,27 +13,24 @@ from typing import Any, Callable
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from .losses import denoising_error, denoising_target
-
-
-@dataclass
-class NoiseSchedule:
-    """The training scheduler's alphas_cumprod (fp32), prediction type and steps_offset."""
-
-    alphas_cumprod: torch.Tensor
-    prediction_type: str
-    steps_offset: int = 1
+from .losses import denoising_error
 
 
 @dataclass
 class Models:
-    """What a step runs: the policy UNet, ``reference(noisy, t, cond)``, the VAE, the conditioning, the schedule."""
+    """What a step runs: the policy network (UNet or transformer; the field keeps the name ``unet``),
+    ``reference(noisy, model_t, cond)``, the VAE, the conditioning, the process (:mod:`smpo.processes`)."""
 
     unet: Any
     reference: Callable
     vae: Any
     conditioning: Any
-    schedule: NoiseSchedule
+    process: Any
+
+
+def predict(model, noisy, model_t, cond):
+    """The network's raw output; the time goes by keyword (a UNet and an SD3/FLUX transformer take it so)."""
+    return model(noisy, timestep=model_t, **cond).sample
 
 
 def training_step(args, batch, models, generator, objective, noise_source):
@@ -48,22 +46,22 @@ def training_step(args, batch, models, generator, objective, noise_source):
     latents = encode_batch(batch, models.vae, copies * num_pairs, args.vae_encode_batch_size, generator)
     cond = models.conditioning(batch, num_images_per_caption=copies)
     # 2. one timestep per pair, shared by winner and loser (drawn on the CPU: no device sync later)
-    num_train_timesteps = len(models.schedule.alphas_cumprod)
-    t_cpu = models.conditioning.sample_timesteps(num_pairs, num_train_timesteps, generator).repeat(copies)
+    process = models.process
+    t_cpu = process.draw_timesteps(num_pairs, generator, models.conditioning).repeat(copies)
     t = t_cpu.to(latents.device, non_blocking=True)
     # 3. noise: the model's own trajectory (ReNoise inversion), random forward noise, or each image's own (prior)
     extra = {key: batch[key] for key in noise_source.batch_keys}  # e.g. prior: each image's recorded noise seed
     noisy, noise = noise_source.make(args, models, latents, t_cpu, cond, generator, num_pairs, **extra)
-    schedule = models.schedule
-    target = denoising_target(noise, latents, t, schedule.alphas_cumprod, schedule.prediction_type)
+    target = process.target(latents, noise, t)
     noisy = noisy.to(latents.dtype)
+    model_t = process.model_time(t)
     # 4. denoising errors of the policy (with gradients) and the reference (without)
-    model_err = denoising_error(models.unet(noisy, t, **cond).sample, target)
+    model_err = denoising_error(predict(models.unet, noisy, model_t, cond), target)
     if not pairs:
         loss = objective.loss(model_err)
         return loss, {"loss": loss.detach(), "model_err_w": model_err.detach().mean()}
     with torch.no_grad():
-        ref_err = denoising_error(models.reference(noisy, t, cond), target)
+        ref_err = denoising_error(models.reference(noisy, model_t, cond), target)
     # 5. the objective on the per-pair errors
     model_err_w, model_err_l = model_err.chunk(2)
     ref_err_w, ref_err_l = ref_err.chunk(2)
@@ -104,26 +102,30 @@ def encode_images(vae, pixels, batch_size, generator):
 
 
 def sample_latents(mean, std, vae, generator):
-    """mean + std * noise, scaled by the VAE's scaling factor (noise drawn with ``generator``).
+    """(mean + std * noise - shift_factor) * scaling_factor (noise drawn with ``generator``; shift 0 for SD).
 
     Hand-written instead of ``DiagonalGaussianDistribution.sample``: that draws on the latents' device,
     this draws on the host generator so that the draws (and a resume) do not depend on the accelerator.
     """
     mean, std = mean.to(vae.device, vae.dtype), std.to(vae.device, vae.dtype)
     noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device, mean.dtype)
-    return (mean + std * noise) * vae.config.scaling_factor
+    latents = mean + std * noise
+    shift = getattr(vae.config, "shift_factor", None)  # SD3 / FLUX VAEs; SD's has none (or None)
+    if shift:
+        latents = latents - shift
+    return latents * vae.config.scaling_factor
 
 
 def make_reference(unet, ref_unet):
-    """reference(noisy, t, cond) -> prediction: a frozen copy, or the LoRA UNet with adapters off."""
+    """reference(noisy, model_t, cond) -> prediction: a frozen copy, or the LoRA network with adapters off."""
     if ref_unet is not None:
-        return lambda noisy, t, cond: ref_unet(noisy.to(ref_unet.dtype), t, **cond).sample
+        return lambda noisy, t, cond: predict(ref_unet, noisy.to(ref_unet.dtype), t, cond)
 
     def lora_reference(noisy, t, cond):
         adapters = extract_model_from_parallel(unet)  # disable_adapters is not reachable through DDP/FSDP
         adapters.disable_adapters()
         try:
-            return unet(noisy, t, **cond).sample  # through the wrapper, so sharded (FSDP) weights work
+            return predict(unet, noisy, t, cond)  # through the wrapper, so sharded (FSDP) weights work
         finally:
             adapters.enable_adapters()
 

@@ -15,6 +15,7 @@ the objective and noise source to train with (default: those named by ``--loss_t
 import logging
 import math
 import os
+import sys
 
 import torch
 
@@ -22,6 +23,7 @@ from .bookkeeping import (MetricsLog, RunHealth, end_processes, replicas_identic
                           tracker_config, write_summary)
 from .checkpoints import StepGenerator, checkpoint_step, find_checkpoint, register_checkpoint_hooks, \
     remove_partial_checkpoints
+from .conditioning import check_pipeline_family
 from .inputs import cache_text_embeddings, make_dataloader, open_training_pairs
 from .loop import Run, run_loop
 from .noise_sources import NOISE_SOURCES
@@ -37,6 +39,7 @@ def train(args, conditioning_class, objective=None, noise_source=None):
     """The whole run: data checked first, then models, the loop, the outputs."""
     objective = objective or OBJECTIVES[args.loss_type]
     noise_source = noise_source or NOISE_SOURCES[args.noise_source]
+    check_pipeline_family(args, conditioning_class, os.path.basename(sys.argv[0]))  # SD3 into the SD script etc.
     accelerator = make_accelerator(args)
     seed = shared_seed(args.seed)  # data order and augmentations: the same on every process
     accelerator.dataloader_config.data_seed = seed
@@ -48,9 +51,9 @@ def train(args, conditioning_class, objective=None, noise_source=None):
     if noise_source.check is not None:
         noise_source.check(args, pairs)  # e.g. prior: the data must carry each image's noise
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    conditioning, vae, schedule = load_frozen_parts(args, conditioning_class, accelerator.device, weight_dtype)
-    unet, ref_unet = setup_unets(args, accelerator.device, weight_dtype)
-    register_checkpoint_hooks(accelerator, args.full_finetune, conditioning.pipeline_class)
+    conditioning, vae, process = load_frozen_parts(args, conditioning_class, accelerator.device, weight_dtype)
+    unet, ref_unet = setup_unets(args, accelerator.device, weight_dtype, family=conditioning_class)
+    register_checkpoint_hooks(accelerator, args.full_finetune, conditioning.pipeline_class, conditioning.denoiser)
     loader, collator = make_dataloader(args, pairs, objective, seed, accelerator, vae)
     if args.cache_text_embeddings:
         cache_text_embeddings(args, accelerator, conditioning, pairs)
@@ -71,8 +74,8 @@ def train(args, conditioning_class, objective=None, noise_source=None):
                 f"{args.max_train_steps} steps of {args.train_batch_size} pairs x {args.gradient_accumulation_steps} "
                 f"accumulation x {accelerator.num_processes} processes; lr {args.learning_rate}")
     metrics_log = MetricsLog(args.output_dir, accelerator, resume_step=global_step if checkpoint else None,
-                             context=run_context(args, accelerator, schedule.prediction_type, schedule.steps_offset))
-    models = Models(unet, make_reference(unet, ref_unet), vae, conditioning, schedule)
+                             context=run_context(args, accelerator, process.context()))
+    models = Models(unet, make_reference(unet, ref_unet), vae, conditioning, process)
     run = Run(args, accelerator, models, objective, noise_source, loader, collator, optimizer, lr_scheduler, params,
               generator, health, metrics_log, weight_dtype)
     global_step, stopped_by = run_loop(run, global_step, first_epoch, resume_batches)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from smpo.data import PairTransform, PreferenceCollator, load_preference_dataset, open_image
 from smpo.noise_sources import NOISE_SOURCES
+from smpo.processes import Diffusion, RectifiedFlow
 from smpo.sampling import initial_noise
 
 RES = 32
@@ -94,7 +95,7 @@ def test_prior_latent_is_the_t_point_between_each_image_and_its_own_noise():
     """Hand-made numbers: abar = (0.64, 0.36) at t = (0, 1), so x_t = 0.8 x0 + 0.6 eps or 0.6 x0 + 0.8 eps."""
     latents = torch.tensor([[[[1.0, 2.0]]], [[[3.0, -1.0]]]])  # (2, 1, 1, 2): a winner and a loser
     seeds, shapes = torch.tensor([11, 22]), torch.tensor([[1, 1, 2]] * 2)
-    models = SimpleNamespace(schedule=SimpleNamespace(alphas_cumprod=torch.tensor([0.64, 0.36])))
+    models = SimpleNamespace(process=Diffusion(torch.tensor([0.64, 0.36]), "epsilon"))
     noisy, noise = NOISE_SOURCES["prior"].make(None, models, latents, torch.tensor([0, 1]), None, None, 1,
                                                noise_seeds=seeds, noise_shapes=shapes)
     eps_w, eps_l = initial_noise(11, (1, 1, 2)), initial_noise(22, (1, 1, 2))
@@ -104,6 +105,13 @@ def test_prior_latent_is_the_t_point_between_each_image_and_its_own_noise():
     with pytest.raises(ValueError, match="recorded noise shapes"):
         NOISE_SOURCES["prior"].make(None, models, latents, torch.tensor([0, 1]), None, None, 1,
                                     noise_seeds=seeds, noise_shapes=torch.tensor([[1, 2, 1]] * 2))
+    # a flow model: x_s = (1 - s) x0 + s eps_prior at sigmas 0.25 and 0.5
+    flow = SimpleNamespace(process=RectifiedFlow(torch.tensor([1.0, 0.5, 0.25])))
+    noisy, noise = NOISE_SOURCES["prior"].make(None, flow, latents, torch.tensor([0.25, 0.5]), None, None, 1,
+                                               noise_seeds=seeds, noise_shapes=shapes)
+    torch.testing.assert_close(noise, torch.stack([eps_w, eps_l]))
+    torch.testing.assert_close(noisy[0], 0.75 * latents[0] + 0.25 * eps_w)
+    torch.testing.assert_close(noisy[1], 0.5 * latents[1] + 0.5 * eps_l)
 
 
 def image_bytes(value):
