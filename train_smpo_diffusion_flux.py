@@ -15,25 +15,29 @@ reference and the inversion. Training draws unshifted sigmas, as diffusers' FLUX
 (FLUX's scheduler shifts them dynamically only at inference).
 """
 
-import json
-import os
-
 import torch
-from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from smpo.conditioning import Conditioning
+from smpo import flags, training
+from smpo.conditioning import DIFFUSION_PIPELINES, FLOW_PIPELINES, Conditioning
+from smpo.noise_sources import NOISE_SOURCES
+from smpo.objectives import OBJECTIVES
+from smpo.processes import RectifiedFlow, add_flow_flags, check_flow_args
 
-# diffusers' train_dreambooth_lora_flux.py: the attention projections and the feed-forward projections
-LORA_TARGET_MODULES = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
-                       "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-                       "ff_context.net.2"]
+BETA_DPO = 1000.0  # placeholder until the SD3 script's derivation is mirrored
 
 
 class FluxConditioning(Conditioning):
-    """Captions -> transformer kwargs (T5 sequence, pooled CLIP, text ids, guidance); packing around each call."""
+    """Captions -> transformer kwargs (T5 sequence, pooled CLIP, guidance); latents packed around each call."""
 
     pipeline_class = FluxPipeline
+    denoiser = "transformer"
+    flow = True
+    # diffusers' train_dreambooth_lora_flux.py: the attention projections and the feed-forward projections
+    lora_target_modules = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
+                           "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
+                           "ff_context.net.0.proj", "ff_context.net.2")
 
     def __init__(self, args, device, dtype):
         base, rev = args.pretrained_model_name_or_path, args.revision
@@ -54,7 +58,7 @@ class FluxConditioning(Conditioning):
 
     @torch.no_grad()
     def encode_prompts(self, captions):
-        """(T5 last hidden states, pooled CLIP output), as FluxPipeline.encode_prompt."""
+        """(T5 last hidden states, pooled CLIP output), by FluxPipeline.encode_prompt."""
         prompt_embeds, pooled, _ = self.text_pipeline.encode_prompt(
             captions, device=self.text_encoders[1].device, max_sequence_length=self.max_sequence_length)
         return prompt_embeds, pooled
@@ -65,22 +69,35 @@ class FluxConditioning(Conditioning):
         prompt_embeds, pooled = self.text_cache(captions) if self.text_cache else self.encode_prompts(captions)
         cond = {"encoder_hidden_states": prompt_embeds.to(self.device).repeat(num_images_per_caption, 1, 1),
                 "pooled_projections": pooled.to(self.device).repeat(num_images_per_caption, 1)}
-        if self.guidance is not None:  # one value per row, so that a row subset keeps its own
+        if self.guidance is not None:  # one value per row, as FluxPipeline; the inversion's rows keep theirs
             cond["guidance"] = torch.full((len(captions) * num_images_per_caption,), self.guidance,
                                           device=self.device, dtype=torch.float32)
         return cond
 
-    def predict(self, transformer, noisy, sigma, cond):
-        """The velocity at ``noisy`` (N, C, h, w) and per-row ``sigma`` (N,): packed into 2x2 tokens, the
-        transformer told sigma itself (FluxPipeline passes timestep / 1000), unpacked again."""
+    def predict(self, model, noisy, model_t, cond):
+        """The velocity at ``noisy`` (N, C, h, w) and per-row sigma ``model_t`` (N,): packed into 2x2 tokens with
+        their position ids, the transformer told sigma itself (FluxPipeline: timestep / 1000), unpacked."""
         n, c, h, w = noisy.shape
         packed = FluxPipeline._pack_latents(noisy, n, c, h, w)
         img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, noisy.device, noisy.dtype)
         txt_ids = torch.zeros(cond["encoder_hidden_states"].shape[1], 3, device=noisy.device, dtype=noisy.dtype)
-        out = transformer(hidden_states=packed, timestep=sigma.to(noisy.dtype), img_ids=img_ids, txt_ids=txt_ids,
-                          return_dict=False, **cond)[0]
-        return FluxPipeline._unpack_latents(out, h * self.vae_scale_factor, w * self.vae_scale_factor,
-                                            self.vae_scale_factor)
+        out = model(hidden_states=packed, timestep=model_t.to(noisy.dtype), img_ids=img_ids, txt_ids=txt_ids,
+                    return_dict=False, **cond)[0]
+        scale = self.vae_scale_factor
+        return FluxPipeline._unpack_latents(out, h * scale, w * scale, scale)
+
+    @staticmethod
+    def load_process(args):
+        """Rectified flow on the scheduler's unshifted sigmas (FLUX shifts dynamically only at inference, so
+        diffusers' train_dreambooth_lora_flux.py trains on them), the transformer told sigma (time_scale 1)."""
+        config = FlowMatchEulerDiscreteScheduler.load_config(args.pretrained_model_name_or_path,
+                                                             subfolder="scheduler", revision=args.revision)
+        return RectifiedFlow.from_scheduler_config(config, args, time_scale=1.0)
+
+    @staticmethod
+    def load_denoiser(args):
+        return FluxTransformer2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer",
+                                                      revision=args.revision, variant=args.variant)
 
     @staticmethod
     def load_text_encoders(args):
@@ -93,11 +110,6 @@ class FluxConditioning(Conditioning):
         return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
                                              revision=args.revision, variant=args.variant)
 
-    def pipeline_from_pretrained(self, args, transformer, torch_dtype=None):
-        return self.pipeline_class.from_pretrained(args.pretrained_model_name_or_path, transformer=transformer,
-                                                   revision=args.revision, variant=args.variant,
-                                                   torch_dtype=torch_dtype)
-
 
 def vae_scale_factor(args):
     """The VAE's downsampling (8 for FLUX.1), as FluxPipeline computes it."""
@@ -109,15 +121,43 @@ def check_flux_model(args):
     """Stop before training when the model is not a FLUX pipeline with T5, or the resolution cannot be packed."""
     base = args.pretrained_model_name_or_path
     index = FluxPipeline.load_config(base, revision=args.revision)
-    if index.get("_class_name") != "FluxPipeline":
-        raise SystemExit(f"{base} is a {index.get('_class_name')}, not a FluxPipeline: train it with its own script "
-                         "(train_smpo_diffusion.py for SD 1.x/2.x, train_smpo_diffusion_sdxl.py for SDXL, "
-                         "train_smpo_diffusion_sd3.py for SD3).")
+    name = index.get("_class_name", "")
+    if not name.startswith("Flux"):
+        scripts = {**FLOW_PIPELINES, **DIFFUSION_PIPELINES}
+        script = next((scripts[p] for p in sorted(scripts, key=len, reverse=True) if name.startswith(p)), None)
+        raise SystemExit(f"{base} is a {name or 'model without a pipeline class'}, not a FluxPipeline: train it with "
+                         f"{script or 'the script of its family'} instead.")
     if not any(index.get("text_encoder_2") or [None]):
-        raise SystemExit(f"{base} has no T5 text encoder (text_encoder_2): FLUX needs one, so pass a FLUX "
-                         "pipeline folder or hub id that includes text_encoder_2 and tokenizer_2.")
+        raise SystemExit(f"{base} has no T5 text encoder (text_encoder_2), which FLUX needs: pass a FLUX pipeline "
+                         "that includes text_encoder_2 and tokenizer_2, such as black-forest-labs/FLUX.1-dev.")
     packing = 2 * vae_scale_factor(args)
     if args.resolution % packing:
         raise SystemExit(f"--resolution {args.resolution} is not divisible by {packing} (the VAE's downsampling "
                          f"times FLUX's 2x2 packing): use {args.resolution // packing * packing or packing} or "
                          f"{(args.resolution // packing + 1) * packing}.")
+
+
+def parse_args(argv=None):
+    parser = flags.build_parser(__doc__, resolution=512, beta_dpo=BETA_DPO, num_inversion_steps=10,
+                                inversion_schedule="exact", inversion_model="policy",
+                                objectives=OBJECTIVES, noise_sources=NOISE_SOURCES)
+    add_flow_flags(parser)
+    parser.add_argument("--guidance_scale", type=float, default=1.0,
+                        help="The guidance value a guidance-distilled model (FLUX.1-dev) is told, as in diffusers' "
+                             "FLUX training scripts (whose README examples use 1). The policy, the reference and the "
+                             "ReNoise inversion all use this one value. FLUX.1-schnell has no guidance input: ignored.")
+    parser.add_argument("--max_sequence_length", type=int, default=512,
+                        help="T5 tokens per caption (FluxPipeline's default, 512; schnell was trained with 256).")
+    args = flags.finish_args(parser.parse_args(argv), OBJECTIVES)
+    check_flow_args(args)
+    return args
+
+
+def main(args):
+    check_flux_model(args)
+    training.train(args, FluxConditioning, objective=OBJECTIVES[args.loss_type],
+                   noise_source=NOISE_SOURCES[args.noise_source])
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -21,7 +21,9 @@ class Conditioning(Protocol):
 
     Attributes: ``pipeline_class`` (saves and loads the LoRA, builds validation pipelines),
     ``text_encoders`` (moved to the CPU after ``--cache_text_embeddings``) and ``text_cache`` (set to a
-    :class:`smpo.cache.TextCache` then; ``encode_prompts`` is bypassed while it is set).
+    :class:`smpo.cache.TextCache` then; ``encode_prompts`` is bypassed while it is set). Optional:
+    ``predict(model, noisy, model_t, cond)`` -> the network's raw output, for a family whose network is not called
+    as ``model(noisy, timestep=model_t, **cond).sample`` (FLUX packs the latents into tokens around the call).
     """
 
     pipeline_class: ClassVar[type]

@@ -88,8 +88,9 @@ class RectifiedFlow:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        shift = 1.0 if scheduler.config.use_dynamic_shifting else scheduler.config.shift  # FLUX: sigmas unshifted
         return cls(scheduler.sigmas.float(), args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale,
-                   time_scale, scheduler.config.shift)
+                   time_scale, shift)
 
     def draw_timesteps(self, num_pairs, generator, conditioning=None):
         """One sigma per pair on the CPU, as diffusers' SD3 / FLUX training scripts draw it."""

@@ -75,7 +75,7 @@ def train(args, conditioning_class, objective=None, noise_source=None):
                 f"accumulation x {accelerator.num_processes} processes; lr {args.learning_rate}")
     metrics_log = MetricsLog(args.output_dir, accelerator, resume_step=global_step if checkpoint else None,
                              context=run_context(args, accelerator, process.context()))
-    models = Models(unet, make_reference(unet, ref_unet), vae, conditioning, process)
+    models = Models(unet, make_reference(unet, ref_unet, conditioning), vae, conditioning, process)
     run = Run(args, accelerator, models, objective, noise_source, loader, collator, optimizer, lr_scheduler, params,
               generator, health, metrics_log, weight_dtype)
     global_step, stopped_by = run_loop(run, global_step, first_epoch, resume_batches)
