@@ -140,3 +140,22 @@ def test_bad_model_or_resolution_stops_before_training_with_the_fix(case, tiny_a
     want = {"sd": "train_smpo_diffusion.py", "no_t5": "text_encoder_2", "resolution": "use 28 or 32"}[case]
     assert want in message and message.count(". ") == 0, message
     assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_docs_24gb_command_parses_with_lora_bf16_8bit_adam_cached_t5_and_checkpointing():
+    """docs/flux.md's command runs this script's flags as a 24 GB GPU needs them (its memory is computed there)."""
+    import os
+    import re
+    import shlex
+
+    from conftest import ROOT
+
+    import train_smpo_diffusion_flux as flux
+
+    text = open(os.path.join(ROOT, "docs", "flux.md"), encoding="utf-8").read()
+    command = next(b for b in re.findall(r"```bash\n(.*?)\n```", text, flags=re.S) if SCRIPT in b)
+    words = shlex.split(command.replace("\\\n", " "))
+    args = flux.parse_args(words[words.index(SCRIPT) + 1:])
+    assert not args.full_finetune and args.mixed_precision == "bf16" and args.use_8bit_adam
+    assert args.cache_text_embeddings and args.gradient_checkpointing and args.resolution % 16 == 0
+    assert args.pretrained_model_name_or_path == "black-forest-labs/FLUX.1-dev"
