@@ -159,3 +159,40 @@ def test_docs_24gb_command_parses_with_lora_bf16_8bit_adam_cached_t5_and_checkpo
     assert not args.full_finetune and args.mixed_precision == "bf16" and args.use_8bit_adam
     assert args.cache_text_embeddings and args.gradient_checkpointing and args.resolution % 16 == 0
     assert args.pretrained_model_name_or_path == "black-forest-labs/FLUX.1-dev"
+
+
+def test_every_transformer_call_gets_packed_latents_sigma_and_the_one_guidance_value(tiny_assets, scored_dataset):
+    """Policy, reference and each ReNoise inversion call: 2x2-packed tokens (16 channels x 4), the timestep = the
+    pair's sigma in (0, 1] (inversion: the grid up to it), and --guidance_scale for every row."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    import train_smpo_diffusion_flux as flux
+    from smpo.data import PairDataset, PairTransform, PreferenceCollator
+    from smpo.noise_sources import NOISE_SOURCES
+    from smpo.objectives import OBJECTIVES
+    from smpo.step import Models, make_reference, training_step
+
+    args = flux.parse_args(["--pretrained_model_name_or_path", str(tiny_assets / "tiny-flux"), "--dataset_name",
+                            str(scored_dataset), "--resolution", "32", "--num_inversion_steps", "3",
+                            "--guidance_scale", "3.5", "--max_sequence_length", "16"])
+    conditioning = flux.FluxConditioning(args, "cpu", torch.float32)
+    collator = PreferenceCollator(PairTransform(32, random_crop=False, hflip=False), "smpo",
+                                  temperature=args.preference_temperature, gamma=args.smoothing_gamma)
+    pairs = PairDataset(datasets.load_from_disk(str(scored_dataset)), [0, 1])
+    batch = collator([pairs[0], pairs[1]])
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_assets / "tiny-flux", subfolder="transformer")
+    seen = []
+    transformer.register_forward_pre_hook(lambda m, a, kw: seen.append({k: kw[k].clone() for k in (
+        "hidden_states", "timestep", "guidance")}), with_kwargs=True)
+    vae = AutoencoderKL.from_pretrained(tiny_assets / "tiny-flux", subfolder="vae")
+    models = Models(transformer, make_reference(transformer, transformer, conditioning), vae, conditioning,
+                    flux.FluxConditioning.load_process(args))
+    loss, _ = training_step(args, batch, models, torch.Generator().manual_seed(0), OBJECTIVES["smpo"],
+                            NOISE_SOURCES["renoise"])
+    assert torch.isfinite(loss) and len(seen) >= 2 * 3 + 2  # K = 3 steps x (1 + R = 1) calls, policy, reference
+    for call in seen:
+        n = len(call["timestep"])
+        assert call["hidden_states"].shape == (n, (32 // 2 // 2) ** 2, 16 * 4)
+        assert ((call["timestep"] > 0) & (call["timestep"] <= 1)).all()
+        torch.testing.assert_close(call["guidance"], torch.full((n,), 3.5))
+    torch.testing.assert_close(seen[-1]["timestep"], seen[-2]["timestep"])  # policy and reference at the pair's s
