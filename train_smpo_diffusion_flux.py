@@ -20,12 +20,14 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from smpo import flags, training
-from smpo.conditioning import DIFFUSION_PIPELINES, FLOW_PIPELINES, Conditioning
+from smpo.conditioning import PIPELINE_FAMILIES, Conditioning
 from smpo.noise_sources import NOISE_SOURCES
 from smpo.objectives import OBJECTIVES
-from smpo.processes import RectifiedFlow, add_flow_flags, check_flow_args
+from smpo.processes import RectifiedFlow, add_flow_flags, check_flow_args, converted_beta, flow_sigmas
 
-BETA_DPO = 1000.0  # placeholder until the SD3 script's derivation is mirrored
+# No flow measurement yet: the SD script's epsilon beta 2000 times E[(1 - s)^2] under the default density
+# (logit-normal(0, 1) on FLUX's unshifted training sigmas), docs/flow.md. Pending the flow experiment of issue 18.
+BETA_DPO = round(converted_beta(2000.0, RectifiedFlow(flow_sigmas(1.0))))
 
 
 class FluxConditioning(Conditioning):
@@ -123,8 +125,7 @@ def check_flux_model(args):
     index = FluxPipeline.load_config(base, revision=args.revision)
     name = index.get("_class_name", "")
     if not name.startswith("Flux"):
-        scripts = {**FLOW_PIPELINES, **DIFFUSION_PIPELINES}
-        script = next((scripts[p] for p in sorted(scripts, key=len, reverse=True) if name.startswith(p)), None)
+        script = next((script for prefix, (_, script) in PIPELINE_FAMILIES.items() if name.startswith(prefix)), None)
         raise SystemExit(f"{base} is a {name or 'model without a pipeline class'}, not a FluxPipeline: train it with "
                          f"{script or 'the script of its family'} instead.")
     if not any(index.get("text_encoder_2") or [None]):
@@ -138,9 +139,12 @@ def check_flux_model(args):
 
 
 def parse_args(argv=None):
-    parser = flags.build_parser(__doc__, resolution=512, beta_dpo=BETA_DPO, num_inversion_steps=10,
-                                inversion_schedule="exact", inversion_model="policy",
-                                objectives=OBJECTIVES, noise_sources=NOISE_SOURCES)
+    parser = flags.build_parser(
+        __doc__, resolution=512, beta_dpo=float(BETA_DPO), num_inversion_steps=10, inversion_schedule="exact",
+        inversion_model="policy", objectives=OBJECTIVES, noise_sources=NOISE_SOURCES,
+        beta_note=f" Default {BETA_DPO}: computed, not measured: the SD script's epsilon beta 2000 x E[(1 - s)^2] "
+                  "under the default timestep density on FLUX's unshifted sigmas (docs/flow.md), pending the flow "
+                  "experiment.")
     add_flow_flags(parser)
     parser.add_argument("--guidance_scale", type=float, default=1.0,
                         help="The guidance value a guidance-distilled model (FLUX.1-dev) is told, as in diffusers' "
@@ -148,8 +152,13 @@ def parse_args(argv=None):
                              "ReNoise inversion all use this one value. FLUX.1-schnell has no guidance input: ignored.")
     parser.add_argument("--max_sequence_length", type=int, default=512,
                         help="T5 tokens per caption (FluxPipeline's default, 512; schnell was trained with 256).")
+    parser.add_argument("--lora_layers", default=None,
+                        help="Comma-separated transformer modules to train LoRA on (default: "
+                             + ",".join(FluxConditioning.lora_target_modules) + ").")
     args = flags.finish_args(parser.parse_args(argv), OBJECTIVES)
     check_flow_args(args)
+    if args.unet_init:
+        raise SystemExit("--unet_init loads a UNet: FLUX trains its transformer; drop --unet_init.")
     return args
 
 

@@ -8,6 +8,8 @@ writes
     OUT_DIR/tiny-sd/          StableDiffusionPipeline   (epsilon prediction)
     OUT_DIR/tiny-sd-vpred/    the same weights, v-prediction scheduler
     OUT_DIR/tiny-sdxl/        StableDiffusionXLPipeline (two text encoders, micro-conditioning)
+    OUT_DIR/tiny-sd3/         StableDiffusion3Pipeline  (two CLIP encoders + T5, rectified flow, shift 3)
+    OUT_DIR/tiny-sd3-no-t5/   the same without T5 (text_encoder_3=None: zero T5 embeddings)
     OUT_DIR/tiny-flux/        FluxPipeline (CLIP + T5, guidance-distilled like FLUX.1-dev, 16-channel VAE)
     OUT_DIR/tiny-reward/      CLIPModel + CLIPProcessor (a PickScore stand-in)
     OUT_DIR/tiny-pickapic/    a `save_to_disk` dataset with the Pick-a-Pic v2 column schema:
@@ -61,15 +63,29 @@ def text_config(vocab_size, hidden=32, projection_dim=32):
     )
 
 
-def make_vae():
+def make_vae(**extra):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1,
-        norm_num_groups=8, sample_size=32,
+        norm_num_groups=8, sample_size=32, **extra,
     )
+
+
+def make_t5_tokenizer():
+    """A T5TokenizerFast over single characters, from a `tokenizers` Unigram model (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581"] + list(string.ascii_lowercase + string.digits + ".,!?'-")
+    model = Tokenizer(models.Unigram([(p, 0.0 if i < 3 else -1.0) for i, p in enumerate(pieces)], unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=512)
 
 
 def make_unet(cross_attention_dim, **extra):
@@ -127,35 +143,31 @@ def build_sdxl(out_dir):
     pipe.save_pretrained(os.path.join(out_dir, "tiny-sdxl"))
 
 
-def make_t5_tokenizer():
-    """A T5TokenizerFast over single characters: a `tokenizers` Unigram model (no sentencepiece file, no download).
+def build_sd3(out_dir):
+    """SD3-style: two CLIP encoders with projection (pooled 32 + 32), T5 (d_model 64 = the CLIP states joined),
+    an SD3 transformer on 4 latent channels, a VAE with shift and scaling factors, FlowMatch scheduler shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    Ids as T5's: <pad> 0, </s> 1 (appended to every sequence), <unk> 2; lower-cased like the other tiny tokenizers.
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
-
-    chars = list(string.ascii_lowercase + string.digits + ".,!?'-")
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-    vocab += [(c, -2.0) for c in chars] + [("\u2581" + c, -1.5) for c in chars]  # word-initial pieces win
-    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                             special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                           extra_ids=0, model_max_length=512)
-
-
-def make_t5_encoder(vocab_size, d_model=32):
-    from transformers import T5Config, T5EncoderModel
-
-    return T5EncoderModel(T5Config(
-        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0,
-    ))
+    torch.manual_seed(3)
+    tokenizer = make_tokenizer()
+    t5_tokenizer = make_t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=64, d_kv=8, d_ff=37, num_layers=1,
+                                 num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                          attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                          joint_attention_dim=64, pooled_projection_dim=64),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=make_vae(shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=CLIPTextModelWithProjection(text_config(len(tokenizer))), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(text_config(len(tokenizer))), tokenizer_2=make_tokenizer(),
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer,
+    )
+    pipe.save_pretrained(os.path.join(out_dir, "tiny-sd3"))
+    pipe.text_encoder_3 = pipe.tokenizer_3 = None
+    pipe.register_modules(text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(os.path.join(out_dir, "tiny-sd3-no-t5"))
 
 
 def build_flux(out_dir):
@@ -163,10 +175,12 @@ def build_flux(out_dir):
     FluxTransformer2DModel on 2x2-packed 16-channel latents, FLUX's VAE latent shift/scale and its
     dynamically shifted FlowMatchEulerDiscreteScheduler."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-    torch.manual_seed(3)
+    torch.manual_seed(4)
     tokenizer, t5_tokenizer = make_tokenizer(), make_t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1,
+                                 num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32),
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -184,7 +198,7 @@ def build_flux(out_dir):
     )
     pipe = FluxPipeline(
         scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(text_config(len(tokenizer))), tokenizer=tokenizer,
-        text_encoder_2=make_t5_encoder(len(t5_tokenizer)), tokenizer_2=t5_tokenizer, transformer=transformer,
+        text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer,
     )
     pipe.save_pretrained(os.path.join(out_dir, "tiny-flux"))
 
@@ -262,6 +276,7 @@ def main():
     os.makedirs(args.out_dir, exist_ok=True)
     build_sd(args.out_dir)
     build_sdxl(args.out_dir)
+    build_sd3(args.out_dir)
     build_flux(args.out_dir)
     build_reward(args.out_dir)
     build_dataset(args.out_dir, args.num_pairs)

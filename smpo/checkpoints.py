@@ -20,17 +20,23 @@ logger = logging.getLogger("smpo")
 TMP_SUFFIX = ".tmp"
 
 
-def lora_state_dict(unet):
-    """The LoRA weights of the network (UNet or transformer) in diffusers' format (what save_lora_weights writes)."""
+def lora_state_dict(unet, denoiser="unet"):
+    """The LoRA weights of the network in the format its pipeline's ``load_lora_weights`` reads all of.
+
+    A UNet: diffusers' format (``convert_state_dict_to_diffusers``, as diffusers' SD/SDXL scripts save it).
+    A transformer (SD3, FLUX): PEFT's keys, as diffusers' DreamBooth LoRA scripts save it (the SD3 loader
+    silently skips the attention's ``to_q.lora.down``-style keys that the conversion writes).
+    """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unwrap(unet)))
+    state = get_peft_model_state_dict(unwrap(unet))
+    return convert_state_dict_to_diffusers(state) if denoiser == "unet" else state
 
 
 def save_lora(pipeline_class, folder, unet, denoiser="unet"):
     """``pipeline_class.save_lora_weights(folder, <denoiser>_lora_layers=...)``: what load_lora_weights loads."""
-    pipeline_class.save_lora_weights(folder, **{f"{denoiser}_lora_layers": lora_state_dict(unet)})
+    pipeline_class.save_lora_weights(folder, **{f"{denoiser}_lora_layers": lora_state_dict(unet, denoiser)})
 
 
 def load_lora_into_existing_adapter(unet, pipeline_class, folder, denoiser="unet"):

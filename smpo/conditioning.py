@@ -11,10 +11,11 @@ from typing import ClassVar, Protocol
 
 import torch
 
-# the pipeline classes whose scheduler is a rectified flow (model_index.json's _class_name prefix) and their script
-FLOW_PIPELINES = {"StableDiffusion3": "train_smpo_diffusion_sd3.py", "Flux": "train_smpo_diffusion_flux.py"}
-DIFFUSION_PIPELINES = {"StableDiffusionXL": "train_smpo_diffusion_sdxl.py", "StableDiffusion": "train_smpo_diffusion.py"}
-
+# model_index.json's _class_name prefix -> (a rectified flow?, the script that trains it); the first match counts
+PIPELINE_FAMILIES = {"StableDiffusion3": (True, "train_smpo_diffusion_sd3.py"),
+                     "Flux": (True, "train_smpo_diffusion_flux.py"),
+                     "StableDiffusionXL": (False, "train_smpo_diffusion_sdxl.py"),
+                     "StableDiffusion": (False, "train_smpo_diffusion.py")}
 
 class Conditioning(Protocol):
     """Captions (and image sizes, crops) of a batch -> UNet keyword arguments, plus the family's model loading.
@@ -93,9 +94,11 @@ def check_pipeline_family(args, conditioning_class, script):
     except (OSError, ValueError):
         return  # no model_index.json (e.g. a bare folder): the loaders name what is missing
     name = found.get("_class_name", "")
-    for kinds, flow in ((FLOW_PIPELINES, True), (DIFFUSION_PIPELINES, False)):
-        prefix = next((p for p in kinds if name.startswith(p)), None)
-        if prefix and flow != conditioning_class.flow:
-            raise SystemExit(f"{args.pretrained_model_name_or_path} is a {name} ({'rectified-flow' if flow else 'DDPM'} "
-                             f"model) and {script} trains {conditioning_class.pipeline_class.__name__} models: "
-                             f"use {kinds[prefix]} instead.")
+    prefix = next((p for p in PIPELINE_FAMILIES if name.startswith(p)), None)
+    if prefix is None:
+        return
+    flow, right_script = PIPELINE_FAMILIES[prefix]
+    if flow != conditioning_class.flow:
+        raise SystemExit(f"{args.pretrained_model_name_or_path} is a {name} ({'rectified-flow' if flow else 'DDPM'} "
+                         f"model) and {script} trains {conditioning_class.pipeline_class.__name__} models: "
+                         f"use {right_script} instead.")

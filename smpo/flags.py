@@ -14,12 +14,12 @@ from .renoise import SCHEDULES
 
 
 def build_parser(description, resolution, num_inversion_steps, beta_dpo, inversion_schedule, inversion_model,
-                 objectives=OBJECTIVES, noise_sources=NOISE_SOURCES):
+                 objectives=OBJECTIVES, noise_sources=NOISE_SOURCES, beta_note=""):
     """All flags of both scripts; names and meanings follow the diffusers DPO examples.
 
     The defaults that differ between scripts (and those of the inversion, which measurements may change)
     are parameters, so each script states them in one place; ``objectives`` and ``noise_sources`` are
-    the ``--loss_type`` and ``--noise_source`` choices.
+    the ``--loss_type`` and ``--noise_source`` choices; ``beta_note`` says where the beta default comes from.
     """
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -60,7 +60,7 @@ def build_parser(description, resolution, num_inversion_steps, beta_dpo, inversi
       help="; ".join(f"{name}: {o.help}" for name, o in objectives.items()))
     a("--beta_dpo", type=float, default=beta_dpo,
       help="KL strength beta, in the -0.5 * beta convention of the authors and the diffusers SDXL DPO "
-           "script (the diffusers SD DPO script's beta B equals 2 * B here).")
+           "script (the diffusers SD DPO script's beta B equals 2 * B here)." + beta_note)
     a("--noise_source", default=None, choices=list(noise_sources),
       help="; ".join(f"{name}: {n.help}" for name, n in noise_sources.items())
       + ". Default: the loss type's (renoise for smpo, forward for every other, as in the diffusers DPO scripts).")

@@ -79,7 +79,8 @@ def cache_text_embeddings(args, accelerator, conditioning, pairs):
         captions.add("")
     key = cache_key(getattr(pairs.dataset, "_fingerprint", args.dataset_name), sorted(captions),
                     args.pretrained_model_name_or_path, args.revision, type(conditioning).__name__,
-                    conditioning.text_encoders[0].dtype, "text-v1")
+                    conditioning.text_encoders[0].dtype, "text-v1",
+                    *([args.max_sequence_length] if getattr(args, "max_sequence_length", None) else []))
     path = os.path.join(cache_folder(pairs.dataset, args.output_dir), f"text-{key}.pt")
     with accelerator.main_process_first():
         if not os.path.exists(path) and accelerator.is_main_process:

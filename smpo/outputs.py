@@ -17,7 +17,7 @@ def save_final_model(args, accelerator, conditioning, unet, dropped, objective, 
     else:
         save_lora(pipeline_class, args.output_dir, unet, conditioning.denoiser)
     write_model_card(args, pipeline_class.__name__, dropped, objective.card, noise_source.card(args),
-                     conditioning.denoiser)
+                     conditioning.denoiser, getattr(conditioning, "load_kwargs", ""))
     if args.push_to_hub:
         from huggingface_hub import create_repo, upload_folder
 
@@ -27,7 +27,7 @@ def save_final_model(args, accelerator, conditioning, unet, dropped, objective, 
                       ignore_patterns=["checkpoint-*", "step_*", "epoch_*"])
 
 
-def write_model_card(args, pipeline_class_name, dropped, method, noise, denoiser="unet"):
+def write_model_card(args, pipeline_class_name, dropped, method, noise, denoiser="unet", load_kwargs=""):
     """OUTPUT_DIR/README.md: metadata, what was trained how, how to load it, every flag.
 
     The metadata block and tags come from huggingface_hub's ModelCardData and diffusers'
@@ -39,10 +39,10 @@ def write_model_card(args, pipeline_class_name, dropped, method, noise, denoiser
     from huggingface_hub import ModelCard, ModelCardData
 
     if args.full_finetune:
-        how = f'pipe = DiffusionPipeline.from_pretrained("{args.output_dir}", torch_dtype=torch.float16)'
+        how = f'pipe = DiffusionPipeline.from_pretrained("{args.output_dir}", torch_dtype=torch.float16{load_kwargs})'
     else:
         base = args.pretrained_model_name_or_path
-        how = (f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16)\n'
+        how = (f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16{load_kwargs})\n'
                f'pipe.load_lora_weights("{args.output_dir}")')
         if args.unet_init:
             how += (f"\n# trained on top of the UNet {args.unet_init}: load it into the pipeline first "
