@@ -39,10 +39,17 @@ def metrics(output_dir):
 
 
 def lora_images(assets, output_dir):
+    """The tiny FLUX pipeline's images with the LoRA of ``output_dir`` loaded, after checking that every saved
+    matrix is in its transformer with the saved values (none skipped by the loader)."""
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(assets / "tiny-flux")
     pipe.load_lora_weights(output_dir)
+    weights = load_file(output_dir / "pytorch_lora_weights.safetensors")
+    loaded = {k: v for k, v in pipe.transformer.state_dict().items() if ".lora_" in k}
+    assert len(loaded) == len(weights)
+    for key, value in weights.items():
+        torch.testing.assert_close(loaded[key[len("transformer."):].replace(".weight", ".default_0.weight")], value)
     return generate(pipe)
 
 
@@ -124,11 +131,11 @@ def flux_without_t5(assets, folder):
     return folder
 
 
-@pytest.mark.parametrize("case", ["sd", "no_t5", "resolution"])
+@pytest.mark.parametrize("case", ["sd", "sd3", "no_t5", "resolution"])
 def test_bad_model_or_resolution_stops_before_training_with_the_fix(case, tiny_assets, scored_dataset, tmp_path):
     import train_smpo_diffusion_flux as flux
 
-    model = {"sd": tiny_assets / "tiny-sd", "no_t5": tmp_path / "no-t5",
+    model = {"sd": tiny_assets / "tiny-sd", "sd3": tiny_assets / "tiny-sd3", "no_t5": tmp_path / "no-t5",
              "resolution": tiny_assets / "tiny-flux"}[case]
     if case == "no_t5":
         flux_without_t5(tiny_assets, model)
@@ -137,7 +144,8 @@ def test_bad_model_or_resolution_stops_before_training_with_the_fix(case, tiny_a
     with pytest.raises(SystemExit) as stop:
         flux.main(args)
     message = str(stop.value)
-    want = {"sd": "train_smpo_diffusion.py", "no_t5": "text_encoder_2", "resolution": "use 28 or 32"}[case]
+    want = {"sd": "train_smpo_diffusion.py", "sd3": "train_smpo_diffusion_sd3.py", "no_t5": "text_encoder_2",
+            "resolution": "use 28 or 32"}[case]
     assert want in message and message.count(". ") == 0, message
     assert not (tmp_path / "out").exists()  # nothing ran
 
