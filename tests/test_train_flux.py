@@ -167,6 +167,7 @@ def test_docs_24gb_command_parses_with_lora_bf16_8bit_adam_cached_t5_and_checkpo
     assert not args.full_finetune and args.mixed_precision == "bf16" and args.use_8bit_adam
     assert args.cache_text_embeddings and args.gradient_checkpointing and args.resolution % 16 == 0
     assert args.pretrained_model_name_or_path == "black-forest-labs/FLUX.1-dev"
+    assert f"`--beta_dpo {flux.BETA_DPO}`" in text and args.beta_dpo == flux.BETA_DPO  # the default the docs state
 
 
 def test_every_transformer_call_gets_packed_latents_sigma_and_the_one_guidance_value(tiny_assets, scored_dataset):
