@@ -92,12 +92,16 @@ def test_resume_continues_exactly(smpo_run):
     assert [m["loss"] for m in metrics(root / "straight")] == [m["loss"] for m in metrics(root / "resumed")]
 
 
-def test_dpo_forward_lora_with_cached_latents_and_adafactor_changes_images(tiny_assets, scored_dataset, tmp_path):
+def test_dpo_forward_lora_with_cached_latents_adafactor_and_lora_layers_changes_images(tiny_assets, scored_dataset,
+                                                                                       tmp_path):
     out = tmp_path / "dpo"
     train(tiny_assets, scored_dataset, out, "--loss_type", "dpo", "--cache_latents", "--optimizer", "adafactor",
-          "--guidance_scale", 3.5)
+          "--guidance_scale", 3.5, "--lora_layers", "attn.to_q,ff.net.2", "--rank", 4)
     context = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["context"]
-    assert context["noise_source"] == "forward"
+    assert context["noise_source"] == "forward" and context["time_scale"] == 1.0 and context["shift"] == 1.0
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    assert {k.split(".lora_")[0].split(".", 3)[-1] for k in weights} == {"attn.to_q", "ff.net.2"}
+    assert {min(v.shape) for v in weights.values()} == {4}
     assert np.abs(lora_images(tiny_assets, out) - base_images(tiny_assets)).max() > 1e-4
 
 
