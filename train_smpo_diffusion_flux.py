@@ -16,7 +16,7 @@ reference and the inversion. Training draws unshifted sigmas, as diffusers' FLUX
 """
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from smpo import flags, training
@@ -92,9 +92,7 @@ class FluxConditioning(Conditioning):
     def load_process(args):
         """Rectified flow on the scheduler's unshifted sigmas (FLUX shifts dynamically only at inference, so
         diffusers' train_dreambooth_lora_flux.py trains on them), the transformer told sigma (time_scale 1)."""
-        config = FlowMatchEulerDiscreteScheduler.load_config(args.pretrained_model_name_or_path,
-                                                             subfolder="scheduler", revision=args.revision)
-        return RectifiedFlow.from_scheduler_config(config, args, time_scale=1.0)
+        return RectifiedFlow.from_pipeline(args, time_scale=1.0)
 
     @staticmethod
     def load_denoiser(args):
@@ -106,11 +104,6 @@ class FluxConditioning(Conditioning):
         base, rev = args.pretrained_model_name_or_path, args.revision
         return [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=rev, variant=args.variant),
                 T5EncoderModel.from_pretrained(base, subfolder="text_encoder_2", revision=rev, variant=args.variant)]
-
-    @staticmethod
-    def load_vae(args):
-        return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
-                                             revision=args.revision, variant=args.variant)
 
 
 def vae_scale_factor(args):
@@ -145,20 +138,15 @@ def parse_args(argv=None):
         beta_note=f" Default {BETA_DPO}: computed, not measured: the SD script's epsilon beta 2000 x E[(1 - s)^2] "
                   "under the default timestep density on FLUX's unshifted sigmas (docs/flow.md), pending the flow "
                   "experiment.")
-    add_flow_flags(parser)
+    add_flow_flags(parser, FluxConditioning.lora_target_modules)
     parser.add_argument("--guidance_scale", type=float, default=1.0,
                         help="The guidance value a guidance-distilled model (FLUX.1-dev) is told, as in diffusers' "
                              "FLUX training scripts (whose README examples use 1). The policy, the reference and the "
                              "ReNoise inversion all use this one value. FLUX.1-schnell has no guidance input: ignored.")
     parser.add_argument("--max_sequence_length", type=int, default=512,
                         help="T5 tokens per caption (FluxPipeline's default, 512; schnell was trained with 256).")
-    parser.add_argument("--lora_layers", default=None,
-                        help="Comma-separated transformer modules to train LoRA on (default: "
-                             + ",".join(FluxConditioning.lora_target_modules) + ").")
     args = flags.finish_args(parser.parse_args(argv), OBJECTIVES)
-    check_flow_args(args)
-    if args.unet_init:
-        raise SystemExit("--unet_init loads a UNet: FLUX trains its transformer; drop --unet_init.")
+    check_flow_args(args, "FLUX")
     return args
 
 

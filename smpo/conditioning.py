@@ -3,7 +3,7 @@
 A script (SD, SDXL, or your copy) defines one class that follows :class:`Conditioning`; the shared
 code never asks which family it runs. Subclassing :class:`Conditioning` is optional (it is a
 ``typing.Protocol``), but it gives the defaults of a UNet diffusion family (``denoiser``,
-``lora_target_modules``, ``load_process``, ``load_denoiser``, ``sample_timesteps``, ``vae_dtype``,
+``lora_target_modules``, ``load_process``, ``load_denoiser``, ``load_vae``, ``sample_timesteps``, ``vae_dtype``,
 ``pipeline_from_pretrained``); a flow family (SD3, FLUX) overrides the first four.
 """
 
@@ -49,7 +49,11 @@ class Conditioning(Protocol):
 
     @staticmethod
     def load_vae(args):
-        """The family's VAE (frozen by the caller)."""
+        """The family's VAE (frozen by the caller): the pipeline's ``vae/``."""
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
+                                             revision=args.revision, variant=args.variant)
 
     @staticmethod
     def load_process(args):

@@ -143,8 +143,9 @@ def test_bad_model_or_resolution_stops_before_training_with_the_fix(case, tiny_a
              "resolution": tiny_assets / "tiny-flux"}[case]
     if case == "no_t5":
         flux_without_t5(tiny_assets, model)
+    resolution = "30" if case == "resolution" else "32"
     args = flux.parse_args(["--pretrained_model_name_or_path", str(model), "--dataset_name", str(scored_dataset),
-                            "--output_dir", str(tmp_path / "out"), "--resolution", "30" if case == "resolution" else "32"])
+                            "--output_dir", str(tmp_path / "out"), "--resolution", resolution])
     with pytest.raises(SystemExit) as stop:
         flux.main(args)
     message = str(stop.value)
