@@ -36,8 +36,10 @@ from tqdm.auto import tqdm
 
 from smpo.data import open_image
 from smpo.grid import make_grid
+from smpo.preflight import PIPELINE_FILES, missing_model, require, reward_needs, sampling_needs
 from smpo.rewards import PICKSCORE, PICKSCORE_PROCESSOR, default_reward_processor, load_reward_model, reward_scores
-from smpo.sampling import SEED_RULE, image_seed, load_pipeline, read_prompts, sample_images
+from smpo.sampling import (SEED_RULE, add_sampling_flags, check_sampling_args, image_seed, load_pipeline, read_prompts,
+                           sample_images)
 
 Z_95 = 1.959963984540054  # the 0.975 quantile of the standard normal
 
@@ -45,54 +47,21 @@ Z_95 = 1.959963984540054  # the 0.975 quantile of the standard normal
 # ------------------------------------------------------------------------------------ flags
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--pretrained_model_name_or_path", required=True, help="The base pipeline: hub id or local folder.")
-    a("--revision", default=None, help="Revision of the base model.")
-    a("--variant", default=None, help="Weight variant of the base model files, e.g. fp16.")
-    a("--unet_init", default=None,
-      help="Replace the base pipeline's UNet with this one (a folder with a UNet config, or a pipeline with a "
-           "unet/ subfolder), as training's --unet_init; the LoRA is then compared against that UNet.")
-    a("--pretrained_vae_model_name_or_path", default=None,
-      help="A VAE for both models, e.g. madebyollin/sdxl-vae-fp16-fix.")
+    add_sampling_flags(p, dataset_split_name="test", num_images_per_prompt=1, output_dir="smpo-eval")
     tuned = p.add_mutually_exclusive_group(required=True)
     tuned.add_argument("--lora_weights", default=None,
                        help="Folder with pytorch_lora_weights.safetensors: tuned = base + this LoRA.")
     tuned.add_argument("--tuned_model_name_or_path", default=None,
                        help="A complete tuned pipeline (e.g. the output of --full_finetune).")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompts_file", default=None,
-                        help="UTF-8 text file, one prompt a line; blank lines are skipped.")
-    source.add_argument("--dataset_name", default=None,
-                        help="A dataset (as in training: hub id, save_to_disk folder, parquet, metadata.jsonl "
-                             "folder) whose caption column gives the prompts, each unique caption once.")
-    a("--dataset_split_name", default="test")
-    a("--caption_column", default="caption")
-    a("--num_prompts", type=int, default=None, help="Use only the first N prompts (default: all).")
-    a("--num_images_per_prompt", type=int, default=1)
-    a("--num_inference_steps", type=int, default=50)
-    a("--guidance_scale", type=float, default=7.5)
-    a("--resolution", type=int, default=None, help="Height and width; default: the pipeline's own.")
-    a("--seed", type=int, default=0, help="Image k of prompt i uses seed + i * num_images_per_prompt + k.")
-    a("--batch_size", type=int, default=4, help="Images per pipeline call and per reward model call.")
+    a = p.add_argument
     a("--reward_model_name_or_path", action="append", default=None,
       help=f"A CLIP-like reward model (CLIPModel: PickScore, CLIP); repeat for several. Default: {PICKSCORE}.")
     a("--reward_processor_name_or_path", action="append", default=None,
       help="The processor of each reward model, paired by position; missing ones default to the model path "
            f"({PICKSCORE_PROCESSOR} for PickScore).")
-    a("--grid_prompts", type=int, default=8, help="Prompts (columns) in grid.png.")
-    a("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-      help="dtype of the diffusion pipelines (reward models run in fp32). Default: fp16 on CUDA, else no.")
-    a("--disable_safety_checker", action="store_true",
-      help="Drop the pipeline's safety checker (SD 1.x), which blacks out the images it flags.")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--cache_dir", default=None)
-    a("--output_dir", default="smpo-eval")
     args = p.parse_args(argv)
-    for flag in ("num_images_per_prompt", "num_inference_steps", "batch_size", "grid_prompts"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag} must be >= 1")
-    if args.num_prompts is not None and args.num_prompts < 1:
-        p.error("--num_prompts must be >= 1")
+    check_sampling_args(p, args)
     if args.reward_model_name_or_path is None:
         args.reward_model_name_or_path = [PICKSCORE]
     processors = args.reward_processor_name_or_path or []
@@ -100,9 +69,15 @@ def parse_args(argv=None):
         p.error("more --reward_processor_name_or_path than --reward_model_name_or_path")
     args.reward_processor_name_or_path = processors + [
         default_reward_processor(m) for m in args.reward_model_name_or_path[len(processors):]]
-    if args.mixed_precision is None:
-        args.mixed_precision = "fp16" if args.device.startswith("cuda") else "no"
     return args
+
+
+def check_run(args):
+    """Stop before any model loads when a model, the prompts or a reward model cannot be found."""
+    require(sampling_needs(args) + reward_needs(args.reward_model_name_or_path, args.reward_processor_name_or_path,
+                                                args.cache_dir)
+            + [missing_model("--tuned_model_name_or_path", args.tuned_model_name_or_path, PIPELINE_FILES,
+                             cache_dir=args.cache_dir)])
 
 
 # ------------------------------------------------------------------------------- generation
@@ -240,6 +215,7 @@ def main(args):
     from diffusers.training_utils import free_memory
     from PIL import Image
 
+    check_run(args)
     prompts = read_prompts(args.prompts_file, args.dataset_name, args.dataset_split_name, args.caption_column,
                            args.num_prompts, args.cache_dir)
     os.makedirs(args.output_dir, exist_ok=True)

@@ -55,9 +55,11 @@ from tqdm.auto import tqdm
 
 from smpo.bookkeeping import end_processes
 from smpo.grid import make_grid
+from smpo.preflight import require, reward_needs, sampling_needs
 from smpo.rewards import PICKSCORE, default_reward_processor, load_reward_model, reward_scores
-from smpo.sampling import (NOISE_RECIPE, SAMPLER_RULE, SEED_RULE, image_seed, latent_shape, load_pipeline,
-                           read_prompts, read_prompts_file, sample_images, use_deterministic_sampler)
+from smpo.sampling import (NOISE_RECIPE, SAMPLER_RULE, SEED_RULE, add_sampling_flags, check_sampling_args, image_seed,
+                           latent_shape, load_pipeline, read_prompts, read_prompts_file, sample_images,
+                           use_deterministic_sampler)
 
 PAIRINGS = ("all", "best_worst", "random")
 FORMATS = ("save_to_disk", "metadata_jsonl")
@@ -74,29 +76,9 @@ NO_TWO_IMAGES = "prompts with fewer than 2 usable images"
 # ------------------------------------------------------------------------------------ flags
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sampling_flags(p, dataset_split_name="train", num_images_per_prompt=4, output_dir="generated-pairs")
     a = p.add_argument
-    a("--pretrained_model_name_or_path", required=True,
-      help="The pipeline to sample (SD 1.x/2.x or SDXL): hub id or local folder; a full fine-tune's output too.")
-    a("--revision", default=None)
-    a("--variant", default=None, help="Weight variant of the model files, e.g. fp16.")
-    a("--unet_init", default=None, help="Replace the pipeline's UNet with this one (a UNet folder or a pipeline "
-                                         "with a unet/ subfolder), e.g. a full fine-tune's, for a second round.")
-    a("--pretrained_vae_model_name_or_path", default=None, help="e.g. madebyollin/sdxl-vae-fp16-fix.")
     a("--lora_weights", default=None, help="Folder with pytorch_lora_weights.safetensors to sample with.")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompts_file", default=None,
-                        help="UTF-8 text file, one prompt a line; blank lines are skipped and reported.")
-    source.add_argument("--dataset_name", default=None,
-                        help="A dataset whose caption column gives the prompts, each unique caption once.")
-    a("--dataset_split_name", default="train")
-    a("--caption_column", default="caption")
-    a("--num_prompts", type=int, default=None, help="Use only the first N prompts (default: all).")
-    a("--num_images_per_prompt", type=int, default=4, help="Images sampled per prompt (>= 2).")
-    a("--num_inference_steps", type=int, default=50)
-    a("--guidance_scale", type=float, default=7.5)
-    a("--resolution", type=int, default=None, help="Height and width; default: the pipeline's own.")
-    a("--seed", type=int, default=0, help="Image k of prompt i uses seed + i * num_images_per_prompt + k.")
-    a("--batch_size", type=int, default=4, help="Images per pipeline call and per reward model call.")
     a("--reward_model_name_or_path", default=PICKSCORE, help="A CLIP-like reward model (PickScore, a CLIPModel).")
     a("--reward_processor_name_or_path", default=None,
       help="Its processor; default: the model path (laion/CLIP-ViT-H-14-laion2B-s32B-b79K for PickScore).")
@@ -106,22 +88,14 @@ def parse_args(argv=None):
       help="Leave out pairs whose reward scores differ by less than this (near-ties); they are counted.")
     a("--output_format", choices=FORMATS, default="save_to_disk")
     a("--shard_size", type=int, default=16, help="Prompts per shard: the unit of resume and of work per process.")
-    a("--grid_prompts", type=int, default=8, help="Prompts (columns) in grid.png.")
-    a("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-      help="dtype of the diffusion pipeline (the reward model runs in fp32). Default: fp16 on CUDA, else no.")
-    a("--disable_safety_checker", action="store_true",
-      help="Drop the pipeline's safety checker (SD 1.x), which blacks out the images it flags.")
     a("--device", default=None, help="Default: the process's accelerate device (cuda:N, or cpu).")
-    a("--cache_dir", default=None)
-    a("--output_dir", default="generated-pairs")
     args = p.parse_args(argv)
-    for flag in ("num_inference_steps", "batch_size", "shard_size", "grid_prompts", "pairs_per_prompt"):
+    check_sampling_args(p, args)
+    for flag in ("shard_size", "pairs_per_prompt"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1")
     if args.num_images_per_prompt < 2:
         p.error("--num_images_per_prompt must be >= 2: a pair needs two images of the same prompt")
-    if args.num_prompts is not None and args.num_prompts < 1:
-        p.error("--num_prompts must be >= 1")
     if args.min_score_gap < 0:
         p.error("--min_score_gap must be >= 0")
     max_pairs = args.num_images_per_prompt * (args.num_images_per_prompt - 1) // 2
@@ -130,9 +104,6 @@ def parse_args(argv=None):
                 f"{args.num_images_per_prompt} images")
     if args.reward_processor_name_or_path is None:
         args.reward_processor_name_or_path = default_reward_processor(args.reward_model_name_or_path)
-    if args.mixed_precision is None:
-        cuda = args.device.startswith("cuda") if args.device else torch.cuda.is_available()
-        args.mixed_precision = "fp16" if cuda else "no"
     return args
 
 
@@ -434,6 +405,8 @@ def make_state(args):
 
 
 def main(args):
+    require(sampling_needs(args) + reward_needs([args.reward_model_name_or_path], [args.reward_processor_name_or_path],
+                                                args.cache_dir))  # before any model loads or folder is made
     state = make_state(args)
     device = state.device if state.num_processes > 1 or args.device is None else torch.device(args.device)
     prompts, skipped = load_prompts(args)

@@ -21,6 +21,7 @@ import torch
 
 from smpo.data import (IMAGE_COLUMNS, LABEL_COLUMN, SCORE_COLUMNS, UnreadableImageError, add_bad_pair_flag,
                        check_bad_pairs, check_columns, load_preference_dataset, open_image)
+from smpo.preflight import missing_path, require, reward_needs
 from smpo.rewards import PICKSCORE, default_reward_processor, load_reward_model, reward_scores
 
 UNREADABLE = "_unreadable"
@@ -69,6 +70,8 @@ def score_batch(captions, images_0, images_1, rows, model, processor, device):
 
 
 def main(args):
+    require([missing_path("--dataset_name", args.dataset_name)] + reward_needs(
+        [args.reward_model_name_or_path], [args.reward_processor_name_or_path], args.cache_dir))
     import datasets
 
     dataset = load_preference_dataset(args.dataset_name, args.dataset_split_name, args.cache_dir)

@@ -15,8 +15,6 @@ objective or noise, copy this file and add it to OBJECTIVES / NOISE_SOURCES belo
 """
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from smpo import flags, training
 from smpo.conditioning import Conditioning
@@ -27,9 +25,17 @@ from smpo.objectives import OBJECTIVES
 class SDConditioning(Conditioning):
     """Captions -> ``encoder_hidden_states`` with SD's single CLIP text encoder (frozen)."""
 
-    pipeline_class = StableDiffusionPipeline
+    # diffusers and transformers are imported where they are used, so that --help and the up-front checks
+    # answer in a second instead of after ten seconds of imports.
+    @property
+    def pipeline_class(self):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
 
     def __init__(self, args, device, dtype):
+        from transformers import CLIPTokenizer
+
         base = args.pretrained_model_name_or_path
         self.tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", revision=args.revision)
         self.text_encoders = self.load_text_encoders(args)
@@ -53,11 +59,15 @@ class SDConditioning(Conditioning):
 
     @staticmethod
     def load_text_encoders(args):
+        from transformers import CLIPTextModel
+
         return [CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
                                              revision=args.revision, variant=args.variant)]
 
     @staticmethod
     def load_vae(args):
+        from diffusers import AutoencoderKL
+
         return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
                                              revision=args.revision, variant=args.variant)
 

@@ -16,24 +16,22 @@ reference and the inversion. Training draws unshifted sigmas, as diffusers' FLUX
 """
 
 import torch
-from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from smpo import flags, training
 from smpo.conditioning import PIPELINE_FAMILIES, Conditioning
 from smpo.noise_sources import NOISE_SOURCES
 from smpo.objectives import OBJECTIVES
-from smpo.processes import RectifiedFlow, add_flow_flags, check_flow_args, converted_beta, flow_sigmas
+from smpo.processes import add_flow_flags, check_flow_args
 
-# No flow measurement yet: the SD script's epsilon beta 2000 times E[(1 - s)^2] under the default density
-# (logit-normal(0, 1) on FLUX's unshifted training sigmas), docs/flow.md. Pending the flow experiment of issue 18.
-BETA_DPO = round(converted_beta(2000.0, RectifiedFlow(flow_sigmas(1.0))))
+# No flow measurement yet: the SD script's epsilon beta 2000 times E[(1 - s)^2] = 0.2922 under the default density
+# (logit-normal(0, 1) on FLUX's unshifted training sigmas; smpo.processes.converted_beta, docs/flow.md), pending the
+# flow experiment of issue 18. tests/test_train_flux.py recomputes it.
+BETA_DPO = 584
 
 
 class FluxConditioning(Conditioning):
     """Captions -> transformer kwargs (T5 sequence, pooled CLIP, guidance); latents packed around each call."""
 
-    pipeline_class = FluxPipeline
     denoiser = "transformer"
     flow = True
     # diffusers' train_dreambooth_lora_flux.py: the attention projections and the feed-forward projections
@@ -41,7 +39,17 @@ class FluxConditioning(Conditioning):
                            "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
                            "ff_context.net.0.proj", "ff_context.net.2")
 
+    # diffusers and transformers are imported where they are used (--help and the up-front checks stay fast)
+    @property
+    def pipeline_class(self):
+        from diffusers import FluxPipeline
+
+        return FluxPipeline
+
     def __init__(self, args, device, dtype):
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+        from transformers import CLIPTokenizer, T5TokenizerFast
+
         base, rev = args.pretrained_model_name_or_path, args.revision
         self.text_encoders = self.load_text_encoders(args)
         for encoder in self.text_encoders:
@@ -79,28 +87,56 @@ class FluxConditioning(Conditioning):
     def predict(self, model, noisy, model_t, cond):
         """The velocity at ``noisy`` (N, C, h, w) and per-row sigma ``model_t`` (N,): packed into 2x2 tokens with
         their position ids, the transformer told sigma itself (FluxPipeline: timestep / 1000), unpacked."""
-        n, c, h, w = noisy.shape
-        packed = FluxPipeline._pack_latents(noisy, n, c, h, w)
-        img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, noisy.device, noisy.dtype)
+        pipeline, (n, c, h, w) = self.pipeline_class, noisy.shape
+        packed = pipeline._pack_latents(noisy, n, c, h, w)
+        img_ids = pipeline._prepare_latent_image_ids(n, h // 2, w // 2, noisy.device, noisy.dtype)
         txt_ids = torch.zeros(cond["encoder_hidden_states"].shape[1], 3, device=noisy.device, dtype=noisy.dtype)
         out = model(hidden_states=packed, timestep=model_t.to(noisy.dtype), img_ids=img_ids, txt_ids=txt_ids,
                     return_dict=False, **cond)[0]
         scale = self.vae_scale_factor
-        return FluxPipeline._unpack_latents(out, h * scale, w * scale, scale)
+        return pipeline._unpack_latents(out, h * scale, w * scale, scale)
+
+    @staticmethod
+    def check_model(args):
+        """Stop before training unless the model is a FLUX pipeline with T5 and --resolution can be packed."""
+        from diffusers import DiffusionPipeline
+
+        base = args.pretrained_model_name_or_path
+        index = DiffusionPipeline.load_config(base, revision=args.revision)
+        name = index.get("_class_name", "")
+        if not name.startswith("Flux"):
+            script = next((script for prefix, (_, script) in PIPELINE_FAMILIES.items() if name.startswith(prefix)),
+                          "the script of its family")
+            raise SystemExit(f"{base} is a {name or 'model without a pipeline class'}, not a FluxPipeline: train it "
+                             f"with {script} instead.")
+        if not any(index.get("text_encoder_2") or [None]):
+            raise SystemExit(f"{base} has no T5 text encoder (text_encoder_2), which FLUX needs: pass a FLUX pipeline "
+                             "that includes text_encoder_2 and tokenizer_2, such as black-forest-labs/FLUX.1-dev.")
+        packing = 2 * vae_scale_factor(args)
+        if args.resolution % packing:
+            raise SystemExit(f"--resolution {args.resolution} is not divisible by {packing} (the VAE's downsampling "
+                             f"times FLUX's 2x2 packing): use {args.resolution // packing * packing or packing} or "
+                             f"{(args.resolution // packing + 1) * packing}.")
 
     @staticmethod
     def load_process(args):
         """Rectified flow on the scheduler's unshifted sigmas (FLUX shifts dynamically only at inference, so
         diffusers' train_dreambooth_lora_flux.py trains on them), the transformer told sigma (time_scale 1)."""
+        from smpo.processes import RectifiedFlow
+
         return RectifiedFlow.from_pipeline(args, time_scale=1.0)
 
     @staticmethod
     def load_denoiser(args):
+        from diffusers import FluxTransformer2DModel
+
         return FluxTransformer2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer",
                                                       revision=args.revision, variant=args.variant)
 
     @staticmethod
     def load_text_encoders(args):
+        from transformers import CLIPTextModel, T5EncoderModel
+
         base, rev = args.pretrained_model_name_or_path, args.revision
         return [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=rev, variant=args.variant),
                 T5EncoderModel.from_pretrained(base, subfolder="text_encoder_2", revision=rev, variant=args.variant)]
@@ -108,27 +144,10 @@ class FluxConditioning(Conditioning):
 
 def vae_scale_factor(args):
     """The VAE's downsampling (8 for FLUX.1), as FluxPipeline computes it."""
+    from diffusers import AutoencoderKL
+
     config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
     return 2 ** (len(config["block_out_channels"]) - 1)
-
-
-def check_flux_model(args):
-    """Stop before training when the model is not a FLUX pipeline with T5, or the resolution cannot be packed."""
-    base = args.pretrained_model_name_or_path
-    index = FluxPipeline.load_config(base, revision=args.revision)
-    name = index.get("_class_name", "")
-    if not name.startswith("Flux"):
-        script = next((script for prefix, (_, script) in PIPELINE_FAMILIES.items() if name.startswith(prefix)), None)
-        raise SystemExit(f"{base} is a {name or 'model without a pipeline class'}, not a FluxPipeline: train it with "
-                         f"{script or 'the script of its family'} instead.")
-    if not any(index.get("text_encoder_2") or [None]):
-        raise SystemExit(f"{base} has no T5 text encoder (text_encoder_2), which FLUX needs: pass a FLUX pipeline "
-                         "that includes text_encoder_2 and tokenizer_2, such as black-forest-labs/FLUX.1-dev.")
-    packing = 2 * vae_scale_factor(args)
-    if args.resolution % packing:
-        raise SystemExit(f"--resolution {args.resolution} is not divisible by {packing} (the VAE's downsampling "
-                         f"times FLUX's 2x2 packing): use {args.resolution // packing * packing or packing} or "
-                         f"{(args.resolution // packing + 1) * packing}.")
 
 
 def parse_args(argv=None):
@@ -151,7 +170,6 @@ def parse_args(argv=None):
 
 
 def main(args):
-    check_flux_model(args)
     training.train(args, FluxConditioning, objective=OBJECTIVES[args.loss_type],
                    noise_source=NOISE_SOURCES[args.noise_source])
 

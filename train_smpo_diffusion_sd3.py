@@ -17,22 +17,23 @@ has none, as StableDiffusion3Pipeline does), the VAE's shift and scaling factors
 """
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel, StableDiffusion3Pipeline
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from smpo import flags, training
 from smpo.conditioning import Conditioning
 from smpo.noise_sources import NOISE_SOURCES
 from smpo.objectives import OBJECTIVES
-from smpo.processes import RectifiedFlow, add_flow_flags, check_flow_args, converted_beta, flow_sigmas
+from smpo.processes import add_flow_flags, check_flow_args
 
-# No flow measurement yet: the SD script's epsilon beta 2000 times E[(1 - s)^2] under the default density
-# (logit-normal(0, 1) through SD3.5's shift 3), docs/flow.md. Pending the flow experiment of issue 18.
-BETA_DPO = round(converted_beta(2000.0, RectifiedFlow(flow_sigmas(3.0))))
+# No flow measurement yet: the SD script's epsilon beta 2000 times E[(1 - s)^2] = 0.1126 under the default density
+# (logit-normal(0, 1) through SD3.5's shift 3; smpo.processes.converted_beta, docs/flow.md), pending the flow
+# experiment of issue 18. tests/test_processes.py recomputes it.
+BETA_DPO = 225
 
 
 def has_t5(args):
     """Whether the pipeline has a T5 encoder (model_index.json's text_encoder_3 not null)."""
+    from diffusers import DiffusionPipeline
+
     index = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
     return (index.get("text_encoder_3") or [None])[0] is not None
 
@@ -40,14 +41,23 @@ def has_t5(args):
 class SD3Conditioning(Conditioning):
     """Captions -> SD3 transformer kwargs (``encoder_hidden_states``: CLIP + T5 tokens; ``pooled_projections``)."""
 
-    pipeline_class = StableDiffusion3Pipeline
     denoiser = "transformer"
     flow = True
     # diffusers' train_dreambooth_lora_sd3.py default targets
     lora_target_modules = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                            "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
 
+    # diffusers and transformers are imported where they are used (--help and the up-front checks stay fast)
+    @property
+    def pipeline_class(self):
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline
+
     def __init__(self, args, device, dtype):
+        from diffusers import SD3Transformer2DModel
+        from transformers import CLIPTokenizer, T5TokenizerFast
+
         base, rev = args.pretrained_model_name_or_path, args.revision
         self.tokenizers = [CLIPTokenizer.from_pretrained(base, subfolder=sub, revision=rev)
                            for sub in ("tokenizer", "tokenizer_2")]
@@ -99,15 +109,21 @@ class SD3Conditioning(Conditioning):
     @staticmethod
     def load_process(args):
         """The rectified flow of the pipeline's FlowMatchEulerDiscreteScheduler (its shift), told s * 1000."""
+        from smpo.processes import RectifiedFlow
+
         return RectifiedFlow.from_pipeline(args, time_scale=1000.0)
 
     @staticmethod
     def load_denoiser(args):
+        from diffusers import SD3Transformer2DModel
+
         return SD3Transformer2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer",
                                                      revision=args.revision, variant=args.variant)
 
     @staticmethod
     def load_text_encoders(args):
+        from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
         base, rev, variant = args.pretrained_model_name_or_path, args.revision, args.variant
         encoders = [CLIPTextModelWithProjection.from_pretrained(base, subfolder=sub, revision=rev, variant=variant)
                     for sub in ("text_encoder", "text_encoder_2")]
@@ -118,6 +134,8 @@ class SD3Conditioning(Conditioning):
 
     @staticmethod
     def load_vae(args):
+        from diffusers import AutoencoderKL
+
         return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
                                              revision=args.revision, variant=args.variant)
 

@@ -16,8 +16,6 @@ is given.
 """
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from smpo import flags, training
 from smpo.conditioning import Conditioning
@@ -28,9 +26,17 @@ from smpo.objectives import OBJECTIVES
 class SDXLConditioning(Conditioning):
     """Captions, original sizes and crops -> SDXL UNet kwargs (text embeddings and time ids)."""
 
-    pipeline_class = StableDiffusionXLPipeline
+    # diffusers and transformers are imported where they are used, so that --help and the up-front checks
+    # answer in a second instead of after ten seconds of imports.
+    @property
+    def pipeline_class(self):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
 
     def __init__(self, args, device, dtype):
+        from transformers import CLIPTokenizer
+
         base, rev = args.pretrained_model_name_or_path, args.revision
         self.tokenizers = [CLIPTokenizer.from_pretrained(base, subfolder=sub, revision=rev)
                            for sub in ("tokenizer", "tokenizer_2")]
@@ -75,6 +81,8 @@ class SDXLConditioning(Conditioning):
 
     @staticmethod
     def load_text_encoders(args):
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
         base, rev = args.pretrained_model_name_or_path, args.revision
         return [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=rev, variant=args.variant),
                 CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", revision=rev,
@@ -82,6 +90,8 @@ class SDXLConditioning(Conditioning):
 
     @staticmethod
     def load_vae(args):
+        from diffusers import AutoencoderKL
+
         if args.pretrained_vae_model_name_or_path:
             return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
         return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",

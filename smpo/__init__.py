@@ -22,7 +22,10 @@ generate_pairs.py).
 
 from .labels import preference_weight
 from .losses import hinge_loss, ipo_loss, preference_loss, sft_loss
+from .notices import drop_known_notices
 from .renoise import forward_noise, renoise_inversion
+
+drop_known_notices()  # two library notices every run printed (smpo/notices.py); before diffusers etc. are imported
 
 __all__ = ["preference_weight", "preference_loss", "hinge_loss", "ipo_loss", "sft_loss", "renoise_inversion",
            "forward_noise"]

@@ -114,9 +114,7 @@ def find_checkpoint(output_dir, resume_from_checkpoint):
     """The checkpoint folder to resume from, None to start fresh."""
     if resume_from_checkpoint is None:
         return None
-    if resume_from_checkpoint != "latest":
-        if not os.path.isdir(resume_from_checkpoint):
-            raise SystemExit(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder")
+    if resume_from_checkpoint != "latest":  # checked to be a folder before the run (smpo/preflight.py)
         return resume_from_checkpoint
     found = list_checkpoints(output_dir)
     if not found:

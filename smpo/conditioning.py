@@ -17,17 +17,21 @@ PIPELINE_FAMILIES = {"StableDiffusion3": (True, "train_smpo_diffusion_sd3.py"),
                      "StableDiffusionXL": (False, "train_smpo_diffusion_sdxl.py"),
                      "StableDiffusion": (False, "train_smpo_diffusion.py")}
 
+
 class Conditioning(Protocol):
     """Captions (and image sizes, crops) of a batch -> UNet keyword arguments, plus the family's model loading.
 
-    Attributes: ``pipeline_class`` (saves and loads the LoRA, builds validation pipelines),
+    Attributes: ``pipeline_class`` (saves and loads the LoRA, builds validation pipelines; a class attribute,
+    or a property that imports it when first used, as the SD and SDXL scripts do),
     ``text_encoders`` (moved to the CPU after ``--cache_text_embeddings``) and ``text_cache`` (set to a
     :class:`smpo.cache.TextCache` then; ``encode_prompts`` is bypassed while it is set). Optional:
     ``predict(model, noisy, model_t, cond)`` -> the network's raw output, for a family whose network is not called
     as ``model(noisy, timestep=model_t, **cond).sample`` (FLUX packs the latents into tokens around the call).
+    Optional: a static ``check_model(args)`` that stops the run (SystemExit, one sentence naming the fix) before
+    anything loads when the model cannot be trained by this family (FLUX: no T5, a resolution it cannot pack).
     """
 
-    pipeline_class: ClassVar[type]
+    pipeline_class: type
     text_encoders: list
     text_cache: object
     denoiser: ClassVar[str] = "unet"  # the trained component: its subfolder, LoRA prefix, save_lora_weights keyword
@@ -103,6 +107,6 @@ def check_pipeline_family(args, conditioning_class, script):
         return
     flow, right_script = PIPELINE_FAMILIES[prefix]
     if flow != conditioning_class.flow:
-        raise SystemExit(f"{args.pretrained_model_name_or_path} is a {name} ({'rectified-flow' if flow else 'DDPM'} "
-                         f"model) and {script} trains {conditioning_class.pipeline_class.__name__} models: "
-                         f"use {right_script} instead.")
+        kind = lambda is_flow: "a rectified-flow" if is_flow else "a DDPM (epsilon / v)"  # noqa: E731
+        raise SystemExit(f"{args.pretrained_model_name_or_path} is a {name}, {kind(flow)} model, and {script} trains "
+                         f"{kind(conditioning_class.flow)[2:]} models: use {right_script} instead.")

@@ -84,15 +84,21 @@ class RectifiedFlow:
 
     @classmethod
     def from_pipeline(cls, args, time_scale):
-        """From the FlowMatchEulerDiscreteScheduler of --pretrained_model_name_or_path and the --weighting_scheme
-        flags. Under dynamic shifting (FLUX) the training sigmas are the unshifted ones, as that scheduler builds
-        them."""
+        """From --pretrained_model_name_or_path's FlowMatchEulerDiscreteScheduler and the --weighting_scheme flags."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         config = FlowMatchEulerDiscreteScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
                                                              revision=args.revision)
+        return cls.from_scheduler_config(config, args, time_scale)
+
+    @classmethod
+    def from_scheduler_config(cls, config, args, time_scale):
+        """From a FlowMatchEulerDiscreteScheduler config and the --weighting_scheme flags."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-        shift = 1.0 if scheduler.config.use_dynamic_shifting else scheduler.config.shift  # FLUX: sigmas unshifted
+        # a dynamically shifting scheduler (FLUX) shifts at inference only: its training sigmas are unshifted
+        shift = 1.0 if scheduler.config.use_dynamic_shifting else scheduler.config.shift
         return cls(scheduler.sigmas.float(), args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale,
                    time_scale, shift)
 

@@ -20,6 +20,15 @@ def default_reward_processor(model_name_or_path):
     return PICKSCORE_PROCESSOR if model_name_or_path == PICKSCORE else model_name_or_path
 
 
+def not_built_in(name_or_path):
+    """Why ``name_or_path`` cannot be a reward model here, or None."""
+    if name_or_path.lower() not in NOT_BUILT_IN:
+        return None
+    return (f"reward model '{name_or_path}' is not built in: the scripts score with CLIP-like transformers "
+            f"models (PickScore: {PICKSCORE}, or any CLIPModel such as openai/clip-vit-large-patch14). "
+            "See load_reward_model in smpo/rewards.py for where to add another scorer.")
+
+
 def load_reward_model(name_or_path, processor_name_or_path=None, device="cpu", cache_dir=None):
     """A CLIP-like reward model (PickScore, CLIP) in fp32 on ``device``, and its processor.
 
@@ -31,11 +40,8 @@ def load_reward_model(name_or_path, processor_name_or_path=None, device="cpu", c
 
     if processor_name_or_path is None:
         processor_name_or_path = default_reward_processor(name_or_path)
-    if name_or_path.lower() in NOT_BUILT_IN:
-        raise SystemExit(
-            f"reward model '{name_or_path}' is not built in: the scripts score with CLIP-like transformers "
-            f"models (PickScore: {PICKSCORE}, or any CLIPModel such as openai/clip-vit-large-patch14). "
-            "See load_reward_model in smpo/rewards.py for where to add another scorer.")
+    if not_built_in(name_or_path):
+        raise SystemExit(not_built_in(name_or_path))
     try:
         model = AutoModel.from_pretrained(name_or_path, cache_dir=cache_dir)
     except (OSError, ValueError) as err:

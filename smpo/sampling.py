@@ -1,4 +1,5 @@
-"""Sampling from a diffusion pipeline for evaluate.py and generate_pairs.py: prompts, seeds, pipelines, checks.
+"""Sampling from a diffusion pipeline for evaluate.py and generate_pairs.py: their shared flags, prompts, seeds,
+pipelines, checks.
 
 The seed rule (both scripts): image k of prompt i (counted from 0) starts from the noise of a CPU
 generator seeded with ``seed + i * num_images_per_prompt + k``, whatever the batch size, device or
@@ -14,6 +15,58 @@ NOISE_RECIPE = ("smpo.sampling.initial_noise(seed, shape): torch.randn(shape, ge
                 "(s: the pipeline's vae_scale_factor, 8 for SD and SDXL), cast to the pipeline's dtype and "
                 "passed as latents=")
 SAMPLER_RULE = "DDIMScheduler from the pipeline's scheduler config, eta 0 (deterministic)"
+
+
+# ------------------------------------------------------------------------------------ flags
+def add_sampling_flags(parser, dataset_split_name, num_images_per_prompt, output_dir):
+    """The flags evaluate.py and generate_pairs.py share: the pipeline, the prompts, sampling, outputs.
+
+    The defaults that differ between the two are parameters; :func:`check_sampling_args` checks them.
+    """
+    a = parser.add_argument
+    a("--pretrained_model_name_or_path", required=True,
+      help="The pipeline (SD 1.x/2.x or SDXL; evaluate.py: the base): hub id or local folder.")
+    a("--revision", default=None, help="Revision of --pretrained_model_name_or_path.")
+    a("--variant", default=None, help="Weight variant of the model files, e.g. fp16.")
+    a("--unet_init", default=None,
+      help="Replace the pipeline's UNet with this one (a folder with a UNet config, or a pipeline with a unet/ "
+           "subfolder), as training's --unet_init; e.g. a full fine-tune's.")
+    a("--pretrained_vae_model_name_or_path", default=None,
+      help="A VAE to use instead, e.g. madebyollin/sdxl-vae-fp16-fix.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts_file", default=None,
+                        help="UTF-8 text file, one prompt a line; blank lines are skipped.")
+    source.add_argument("--dataset_name", default=None,
+                        help="A dataset (as in training: hub id, save_to_disk folder, parquet, metadata.jsonl "
+                             "folder) whose caption column gives the prompts, each unique caption once.")
+    a("--dataset_split_name", default=dataset_split_name)
+    a("--caption_column", default="caption")
+    a("--num_prompts", type=int, default=None, help="Use only the first N prompts (default: all).")
+    a("--num_images_per_prompt", type=int, default=num_images_per_prompt)
+    a("--num_inference_steps", type=int, default=50)
+    a("--guidance_scale", type=float, default=7.5)
+    a("--resolution", type=int, default=None, help="Height and width; default: the pipeline's own.")
+    a("--seed", type=int, default=0, help="Image k of prompt i uses seed + i * num_images_per_prompt + k.")
+    a("--batch_size", type=int, default=4, help="Images per pipeline call and per reward model call.")
+    a("--grid_prompts", type=int, default=8, help="Prompts (columns) in grid.png.")
+    a("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+      help="dtype of the diffusion pipelines (reward models run in fp32). Default: fp16 on CUDA, else no.")
+    a("--disable_safety_checker", action="store_true",
+      help="Drop the pipeline's safety checker (SD 1.x), which blacks out the images it flags.")
+    a("--cache_dir", default=None)
+    a("--output_dir", default=output_dir)
+
+
+def check_sampling_args(parser, args):
+    """Reject counts below 1; resolve --mixed_precision's default from the device (args.device, or CUDA's presence)."""
+    for flag in ("num_images_per_prompt", "num_inference_steps", "batch_size", "grid_prompts"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1")
+    if args.num_prompts is not None and args.num_prompts < 1:
+        parser.error("--num_prompts must be >= 1")
+    if args.mixed_precision is None:
+        cuda = args.device.startswith("cuda") if args.device else torch.cuda.is_available()
+        args.mixed_precision = "fp16" if cuda else "no"
 
 
 # ---------------------------------------------------------------------------------- prompts

@@ -34,8 +34,17 @@ def load_frozen_parts(args, conditioning_class, device, weight_dtype):
     process = conditioning_class.load_process(args).to(device)
     conditioning = conditioning_class(args, device, weight_dtype)
     vae = conditioning.load_vae(args).requires_grad_(False)
-    vae.to(device, dtype=conditioning.vae_dtype(args, weight_dtype))
+    place(vae, device, conditioning.vae_dtype(args, weight_dtype))
     return conditioning, vae, process
+
+
+def place(model, device, dtype):
+    """Move ``model`` to ``device`` and cast it only if its dtype differs: diffusers warns about keeping modules in
+    fp32 on every ``.to(dtype=...)``, even when there are none and nothing changes (as in every fp32 run)."""
+    model.to(device)
+    if model.dtype != dtype:
+        model.to(dtype=dtype)
+    return model
 
 
 def load_unet(args):
@@ -88,10 +97,10 @@ def setup_unets(args, device, weight_dtype, unet=None, family=None):
         unet = family.load_denoiser(args) if family is not None else load_unet(args)
     ref_unet = None
     if args.full_finetune:
-        ref_unet = copy.deepcopy(unet).requires_grad_(False).to(device, dtype=weight_dtype).eval()
+        ref_unet = place(copy.deepcopy(unet).requires_grad_(False), device, weight_dtype).eval()
         unet.requires_grad_(True).to(device)
     else:
-        unet.requires_grad_(False).to(device, dtype=weight_dtype)
+        place(unet.requires_grad_(False), device, weight_dtype)
         add_lora(unet, args.rank, lora_targets(args, family))
         cast_training_params(unet, torch.float32)
     if args.enable_xformers_memory_efficient_attention:

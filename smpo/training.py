@@ -29,6 +29,7 @@ from .loop import Run, run_loop
 from .noise_sources import NOISE_SOURCES
 from .objectives import OBJECTIVES
 from .outputs import log_validation, save_final_model
+from .preflight import require, training_needs, unsupported_mixed_precision
 from .setup import load_frozen_parts, make_lr_scheduler, make_optimizer, setup_unets
 from .step import Models, make_reference
 
@@ -39,7 +40,10 @@ def train(args, conditioning_class, objective=None, noise_source=None):
     """The whole run: data checked first, then models, the loop, the outputs."""
     objective = objective or OBJECTIVES[args.loss_type]
     noise_source = noise_source or NOISE_SOURCES[args.noise_source]
+    require(training_needs(args))  # a missing model, folder or package: stop before anything is loaded or made
     check_pipeline_family(args, conditioning_class, os.path.basename(sys.argv[0]))  # SD3 into the SD script etc.
+    if hasattr(conditioning_class, "check_model"):
+        conditioning_class.check_model(args)  # the family's own (FLUX: T5 present, resolution packable)
     accelerator = make_accelerator(args)
     seed = shared_seed(args.seed)  # data order and augmentations: the same on every process
     accelerator.dataloader_config.data_seed = seed
@@ -106,6 +110,7 @@ def make_accelerator(args):
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    require([unsupported_mixed_precision(accelerator.mixed_precision, accelerator.device)])
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state)
     if accelerator.is_main_process:

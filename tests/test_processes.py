@@ -85,6 +85,9 @@ def test_beta_conversion_factor():
     factor = flow(3.0).mean_squared_one_minus_sigma()
     assert 0.10 < factor < 0.125
     assert converted_beta(2000.0, flow(3.0)) == pytest.approx(2000.0 * factor)
+    import train_smpo_diffusion_sd3
+
+    assert train_smpo_diffusion_sd3.BETA_DPO == round(converted_beta(2000.0, flow(3.0)))  # the --help default
 
 
 def test_diffusion_process_gives_the_sd_formulas():
@@ -109,3 +112,13 @@ def test_flow_flags_and_sd_only_schedules():
         with pytest.raises(SystemExit, match="--inversion_schedule exact"):
             check_flow_args(argparse.Namespace(inversion_schedule=schedule))
     check_flow_args(argparse.Namespace(inversion_schedule="exact"))
+
+
+def test_a_dynamically_shifting_scheduler_trains_on_unshifted_sigmas():
+    """FLUX's scheduler (use_dynamic_shifting, shift 3 in its config) shifts at inference only."""
+    args = argparse.Namespace(weighting_scheme="uniform", logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
+    config = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True).config
+    process = RectifiedFlow.from_scheduler_config(config, args, time_scale=1.0)
+    assert torch.allclose(process.sigmas, flow_sigmas(1.0)) and process.shift == 1.0
+    sd3 = RectifiedFlow.from_scheduler_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, args, 1000.0)
+    assert torch.allclose(sd3.sigmas, flow_sigmas(3.0)) and sd3.shift == 3.0

@@ -175,6 +175,19 @@ def test_docs_24gb_command_parses_with_lora_bf16_8bit_adam_cached_t5_and_checkpo
     assert f"`--beta_dpo {flux.BETA_DPO}`" in text and args.beta_dpo == flux.BETA_DPO  # the default the docs state
 
 
+def test_default_beta_is_the_epsilon_beta_converted_on_unshifted_sigmas_and_help_says_so(capsys):
+    from smpo.processes import RectifiedFlow, converted_beta, flow_sigmas
+
+    import train_smpo_diffusion_flux as flux
+
+    assert flux.BETA_DPO == round(converted_beta(2000.0, RectifiedFlow(flow_sigmas(1.0))))
+    with pytest.raises(SystemExit):
+        flux.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"Default {flux.BETA_DPO}: computed, not measured" in help_text
+    assert "The policy, the reference and the ReNoise inversion all use this one value" in help_text
+
+
 def test_every_transformer_call_gets_packed_latents_sigma_and_the_one_guidance_value(tiny_assets, scored_dataset):
     """Policy, reference and each ReNoise inversion call: 2x2-packed tokens (16 channels x 4), the timestep = the
     pair's sigma in (0, 1] (inversion: the grid up to it), and --guidance_scale for every row."""

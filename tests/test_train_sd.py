@@ -150,10 +150,13 @@ def test_smpo_without_scores_says_to_run_score_pairs_before_loading_a_model(tiny
 
     from smpo.data import PreferenceDataError
 
-    args = train_smpo_diffusion.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "no-model-here"),
+    model = tmp_path / "index-only"  # passes the up-front check (smpo/preflight.py) but holds no model to load
+    model.mkdir()
+    (model / "model_index.json").write_text((tiny_assets / "tiny-sd" / "model_index.json").read_text())
+    args = train_smpo_diffusion.parse_args(["--pretrained_model_name_or_path", str(model),
                                             "--dataset_name", str(tiny_assets / "tiny-pickapic"),
                                             "--output_dir", str(tmp_path / "x")])
-    with pytest.raises(PreferenceDataError, match="score_pairs.py") as err:  # the model folder does not exist
+    with pytest.raises(PreferenceDataError, match="score_pairs.py") as err:
         train_smpo_diffusion.main(args)
     assert "reward_score_0" in str(err.value)
 

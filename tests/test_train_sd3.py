@@ -122,7 +122,8 @@ def test_resume_continues_exactly(runs, tiny_assets, scored_dataset, tmp_path):
                  "--resume_from_checkpoint", "latest", steps=3)
     assert "Resuming from" in proc.stdout + proc.stderr
     assert [m["loss"] for m in metrics(tmp_path)] == [m["loss"] for m in metrics(straight)]
-    a, b = load_file(straight / "pytorch_lora_weights.safetensors"), load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    name = "pytorch_lora_weights.safetensors"
+    a, b = load_file(straight / name), load_file(tmp_path / name)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
