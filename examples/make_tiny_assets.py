@@ -53,11 +53,11 @@ def make_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def text_config(vocab_size, hidden=32, projection_dim=32):
+def text_config(vocab_size, hidden=32, projection_dim=32, intermediate_size=37):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate_size, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=projection_dim,
         bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )

@@ -1,4 +1,5 @@
-"""examples/toy_alignment.py end to end at its minimal size: every stage runs and the base model is cached."""
+"""examples/toy_alignment.py (the package examples/toy/) end to end at its minimal size: every stage runs, the
+base model is cached, and Diffusion-DPO moves the preference the way the raters' labels point."""
 
 import json
 import math
@@ -6,6 +7,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 from conftest import ROOT, run_script
 from PIL import Image
 
@@ -13,27 +15,67 @@ SCRIPT = os.path.join(ROOT, "examples", "toy_alignment.py")
 METHODS = ("dpo", "smpo_smooth", "smpo")
 
 sys.path.insert(0, os.path.join(ROOT, "examples"))
-import toy_alignment  # noqa: E402
+from toy import world  # noqa: E402
+from toy.runs import cached_stage, seconds_per_step  # noqa: E402
 
 
 def test_true_preference_is_measured_from_pixels():
     rng = np.random.default_rng(0)
-    images, hues = toy_alignment.draw_disks(rng, 64)
-    measured = toy_alignment.measure_hue(images)
+    images, hues = world.draw_disks(rng, 64)
+    measured = world.measure_hue(images)
     assert not np.isnan(measured).any()
     assert np.abs(np.angle(np.exp(2j * np.pi * (measured - hues)))).max() < 0.05  # hue error < 3 degrees
-    pref, has_disk = toy_alignment.true_preference(images)
-    assert has_disk.all() and np.allclose(pref, toy_alignment.hue_warmth(hues), atol=0.05)
+    pref, has_disk = world.true_preference(images)
+    assert has_disk.all() and np.allclose(pref, world.hue_warmth(hues), atol=0.05)
     grey = np.full((2, 32, 32, 3), 0.5, np.float32)
-    pref, has_disk = toy_alignment.true_preference(grey)
+    pref, has_disk = world.true_preference(grey)
     assert not has_disk.any() and (pref == -1).all()  # no disk: the worst preference
-    assert toy_alignment.hue_diversity(images) > 0.9
-    assert toy_alignment.hue_diversity(np.repeat(images[:1], 8, axis=0)) == 0.0
+    assert world.hue_diversity(images) > 0.9
+    assert world.hue_diversity(np.repeat(images[:1], 8, axis=0)) == 0.0
+
+
+def test_a_stage_counts_as_done_only_when_its_marker_is_whole(tmp_path):
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    (folder / "partial-output").write_text("x")
+    (folder / "DONE").write_text('{"seconds": 1')  # a marker cut short by a crash (the old non-atomic write)
+    built = []
+
+    def build():
+        built.append(sorted(os.listdir(folder)))
+        return {"seconds": 2.0}
+
+    assert cached_stage(str(folder), build) == ({"seconds": 2.0}, False)
+    assert built == [[]]  # rebuilt from an empty folder
+    assert cached_stage(str(folder), build) == ({"seconds": 2.0}, True) and len(built) == 1
+
+    def crash():
+        raise RuntimeError("killed mid-stage")
+
+    with pytest.raises(RuntimeError):
+        cached_stage(str(folder), crash, rebuild=True)
+    assert not (folder / "DONE").exists()  # no marker for a stage that did not finish
+    assert cached_stage(str(folder), build) == ({"seconds": 2.0}, False)
+
+
+def test_seconds_per_step_times_training_not_the_evaluation_cache(tmp_path):
+    for step, written in ((2, 1000.0), (6, 1020.0)):  # 4 steps in 20 s: 5 s/step
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        weights = folder / "pytorch_lora_weights.safetensors"
+        weights.write_bytes(b"")
+        os.utime(weights, (written, written))
+        (folder / "toy-eval-0123456789.json").write_text("{}")  # an evaluation, later, in the same folder
+        os.utime(folder, (5000.0 - step, 5000.0 - step))  # evaluated in the other order
+    assert seconds_per_step(str(tmp_path)) == 5.0
 
 
 def test_minimal_run_then_rerun_reuses_the_cached_base(tmp_path):
     work = tmp_path / "toy"
-    first = run_script([sys.executable, SCRIPT, "--minimal", "--work_dir", str(work), "--jobs", "1"], timeout=900)
+    record = tmp_path / "recorded.json"
+    record.write_text('{"other": 1}')
+    first = run_script([sys.executable, SCRIPT, "--minimal", "--work_dir", str(work), "--jobs", "1",
+                        "--record", "minimal_test", "--record_file", str(record)], timeout=900)
     assert "trained the base model" in first.stdout
 
     results = json.loads((work / "results.json").read_text())
@@ -58,6 +100,16 @@ def test_minimal_run_then_rerun_reuses_the_cached_base(tmp_path):
     with Image.open(work / "samples_grid.png") as grid:  # base + 3 methods, grid_samples cells of 64 px
         assert grid.size == (150 + cfg["grid_samples"] * 64, 4 * 64)
     assert "Diffusion-DPO" in first.stdout and "steps to reach" in first.stdout
+    table = (work / "results.md").read_text()  # one training seed: no SE over seeds, and the table says so
+    assert "nan" not in table and table.count("n/a (1 seed)") == len(METHODS)
+    timings, machine = results["timings"], results["machine"]
+    for stage in ("base_s", "data_s", "train_s", "eval_s", "total_s"):
+        assert 0 <= timings[stage] <= timings["total_s"]
+    assert machine["nproc"] == os.cpu_count() and machine["base_threads"] == machine["jobs"] == 1
+    recorded = json.loads(record.read_text())
+    assert recorded["other"] == 1 and recorded["minimal_test"]["settings"] == results["settings"]
+    assert recorded["minimal_test"]["command"].startswith("python examples/toy_alignment.py --minimal")
+    assert recorded["minimal_test"]["settings"]["data_source"] == "world"
 
     base_dirs = [d for d in os.listdir(work) if d.startswith("base-")]
     assert len(base_dirs) == 1

@@ -1,0 +1,11 @@
+"""The toy alignment experiment of examples/toy_alignment.py, one concern per module:
+
+    experiment.py   what is run: methods, mode presets, command-line flags
+    world.py        the synthetic world and its true preference, measured from pixels
+    base.py         the tiny base text-to-image model (a StableDiffusionPipeline)
+    data.py         the preference pairs (world or on-policy), the reward model, their scores
+    runs.py         caching, subprocesses, training runs and the evaluation of checkpoints
+    stats.py        summaries of samples, curves over seeds, comparisons with Diffusion-DPO
+    report.py       results.json, results.md, the plot, the sample grid, the terminal table
+    pipeline.py     the stages in order, with their timings
+"""

@@ -1,0 +1,129 @@
+"""The experiment's stages in order (world and base model, preference data, training runs, evaluation, outputs),
+each timed; results.json keeps the timings with the machine's core count and the thread counts used."""
+
+import os
+import shlex
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from . import report
+from .base import base_key, train_base
+from .data import preference_data
+from .experiment import METHODS, ROOT
+from .runs import (accelerate_cmd, cached_stage, checkpoint_dirs, evaluate_checkpoint, init_evaluation, load_pipeline,
+                   parallel, python_env, run, run_dir, run_record, sample)
+from .stats import aggregate, compare_with_dpo, summarize
+from .world import RESOLUTION, draw_disks
+
+
+def main(args):
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+    from tqdm.auto import tqdm
+
+    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder" is expected here
+    os.environ.update({k: v for k, v in python_env(args).items() if k.endswith("OFFLINE")})
+    cfg = args.cfg
+    work = os.path.abspath(args.work_dir)
+    os.makedirs(work, exist_ok=True)
+    timings, t_start = {}, time.time()
+    machine = {"nproc": os.cpu_count(), "load_average_at_start": os.getloadavg(), "jobs": args.jobs,
+               "torch_threads": args.threads, "base_threads": args.base_threads,
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    print(f"toy alignment, {args.mode} mode, in {work}")
+    torch.set_num_threads(args.base_threads)  # nothing else runs during the base, data and sampling stages
+
+    # 1-2. the world and the base model (cached on the settings that make it)
+    key, key_cfg = base_key(cfg, args.seed)
+    base_dir = os.path.join(work, f"base-{key}")
+    t0 = time.time()
+
+    def build_base():
+        world, _ = draw_disks(np.random.default_rng(args.seed), cfg["world_size"])
+        log = train_base(cfg, world, base_dir, args.seed, tqdm)
+        return {**log, "seconds": time.time() - t0, "threads": args.base_threads, "settings": key_cfg}
+
+    base_log, timings["base_cached"] = cached_stage(base_dir, build_base, rebuild=args.rebuild_base)
+    print(f"{'reusing the cached' if timings['base_cached'] else 'trained the'} base model {base_dir} "
+          f"(trained in {base_log['seconds']:.0f} s)")
+    timings["base_s"] = time.time() - t0
+
+    # 3. preference data, reward model, scores (cached on their settings too)
+    t0 = time.time()
+    scored, data_log, _ = preference_data(args, cfg, work, base_dir, key, tqdm)
+    print("data: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in data_log.items()))
+    timings["data_s"] = time.time() - t0
+
+    # 4. the training runs: every method with every training seed, same settings
+    t0 = time.time()
+    runs_dir = os.path.join(work, "runs" if args.data_source == "world" else "runs-on-policy")
+    runs = [(name, seed) for name in args.methods for seed in args.train_seeds]
+    inverting_first = sorted(runs, key=lambda r: "renoise" not in METHODS[r[0]]["flags"])  # the longest runs first
+    for line in parallel(lambda r: train(args, base_dir, scored, runs_dir, r, timings), inverting_first, args.jobs,
+                         tqdm, "training runs"):
+        tqdm.write(line)
+    timings["train_s"] = time.time() - t0
+
+    # 5. evaluation on fixed seeds
+    t0 = time.time()
+    eval_seed = 10_000 + args.seed
+    pipe = load_pipeline(base_dir)
+    base_images = sample(pipe, cfg, eval_seed)
+    base = summarize(base_images, base_images)
+    jobs = [(name, seed, step, path) for name, seed in runs
+            for step, path in checkpoint_dirs(run_dir(runs_dir, name, seed)).items()]
+    evaluated = parallel(evaluate_checkpoint, jobs, args.jobs, tqdm, "evaluating", unit="model",
+                         init=(init_evaluation, (base_dir, cfg, eval_seed, base_images, args.threads)))
+    torch.set_num_threads(args.base_threads)  # init_evaluation set --threads here when --jobs is 1
+    records = {r: run_record(run_dir(runs_dir, *r)) for r in runs}
+    command = shlex.join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])
+    results = {"mode": args.mode, "command": command,
+               "settings": settings(args), "data": data_log, "base_model": base_log, "base": base,
+               "methods": aggregate({m: METHODS[m] for m in args.methods}, runs, jobs, evaluated, base, records)}
+    compare_with_dpo(results)
+    grid_rows, grid_labels = [base_images[:cfg["grid_samples"]]], ["base"]
+    for name in args.methods:  # the first training seed's final model
+        pipe.load_lora_weights(checkpoint_dirs(run_dir(runs_dir, name, args.train_seeds[0]))[cfg["steps"]])
+        grid_rows.append(sample(pipe, {**cfg, "num_eval_samples": cfg["grid_samples"]}, eval_seed))
+        grid_labels.append(f"{METHODS[name]['short']} @{cfg['steps']}")
+        pipe.unload_lora_weights()
+    timings["eval_s"] = time.time() - t0
+    timings["total_s"] = time.time() - t_start
+    results.update(timings=timings, machine=machine)
+    report.write_outputs(results, work, "" if args.data_source == "world" else "_on_policy", grid_rows, grid_labels)
+    if args.record:
+        report.record(results, args.record_file, args.record)
+    return results
+
+
+def settings(args):
+    """Everything that sets the experiment's numbers (the mode's sizes and the flags)."""
+    return {**args.cfg, "learning_rate": args.learning_rate, "beta_dpo": args.beta_dpo, "rank": args.rank,
+            "num_inversion_steps": args.num_inversion_steps, "inversion_schedule": args.inversion_schedule,
+            "rater_temperature": args.rater_temperature, "reward_noise": args.reward_noise, "seed": args.seed,
+            "data_source": args.data_source, "train_seeds": args.train_seeds}
+
+
+def train(args, base_dir, scored, runs_dir, run_key, timings):
+    """One LoRA run of train_smpo_diffusion.py through accelerate launch (a method with a training seed)."""
+    cfg = args.cfg
+    name, seed = run_key
+    out = run_dir(runs_dir, name, seed)
+    if args.reuse_runs and cfg["steps"] in checkpoint_dirs(out):
+        return f"  {METHODS[name]['label']} (seed {seed}): reusing {out}"
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    t0 = time.time()
+    common = ["--pretrained_model_name_or_path", base_dir, "--dataset_name", scored, "--resolution", str(RESOLUTION),
+              "--train_batch_size", str(cfg["batch_size"]), "--max_train_steps", str(cfg["steps"]),
+              "--learning_rate", str(args.learning_rate), "--lr_scheduler", "constant", "--beta_dpo", str(args.beta_dpo),
+              "--rank", str(args.rank), "--num_inversion_steps", str(args.num_inversion_steps),
+              "--inversion_schedule", args.inversion_schedule, "--checkpointing_steps", str(cfg["checkpoint_every"]),
+              "--seed", str(seed)]
+    # a method's own flags come last: they override the common K and schedule
+    run(accelerate_cmd() + common + METHODS[name]["flags"] + ["--output_dir", out], args, out + ".log")
+    timings[f"train_{name}_seed{seed}_s"] = time.time() - t0
+    return f"  {METHODS[name]['label']} (seed {seed}): {cfg['steps']} steps in {time.time() - t0:.0f} s"
