@@ -109,13 +109,9 @@ class SD3Conditioning(Conditioning):
     @staticmethod
     def load_process(args):
         """The rectified flow of the pipeline's FlowMatchEulerDiscreteScheduler (its shift), told s * 1000."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         from smpo.processes import RectifiedFlow
 
-        config = FlowMatchEulerDiscreteScheduler.load_config(args.pretrained_model_name_or_path,
-                                                             subfolder="scheduler", revision=args.revision)
-        return RectifiedFlow.from_scheduler_config(config, args, time_scale=1000.0)
+        return RectifiedFlow.from_pipeline(args, time_scale=1000.0)
 
     @staticmethod
     def load_denoiser(args):
@@ -160,16 +156,11 @@ def parse_args(argv=None):
         inversion_model="policy", objectives=OBJECTIVES, noise_sources=NOISE_SOURCES,
         beta_note=f" Default {BETA_DPO}: computed, not measured: the SD script's epsilon beta 2000 x E[(1 - s)^2] "
                   "under the default timestep density with shift 3 (docs/flow.md), pending the flow experiment.")
-    add_flow_flags(parser)
+    add_flow_flags(parser, SD3Conditioning.lora_target_modules)
     parser.add_argument("--max_sequence_length", type=int, default=77,
                         help="T5 tokens per caption (diffusers' SD3 training scripts: 77; the pipeline: 256).")
-    parser.add_argument("--lora_layers", default=None,
-                        help="Comma-separated transformer modules to train LoRA on (default: "
-                             + ",".join(SD3Conditioning.lora_target_modules) + ").")
     args = flags.finish_args(parser.parse_args(argv), OBJECTIVES)
-    check_flow_args(args)
-    if args.unet_init:
-        raise SystemExit("--unet_init loads a UNet: SD3 trains its transformer; drop --unet_init.")
+    check_flow_args(args, "SD3")
     return args
 
 

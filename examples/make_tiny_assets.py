@@ -10,6 +10,7 @@ writes
     OUT_DIR/tiny-sdxl/        StableDiffusionXLPipeline (two text encoders, micro-conditioning)
     OUT_DIR/tiny-sd3/         StableDiffusion3Pipeline  (two CLIP encoders + T5, rectified flow, shift 3)
     OUT_DIR/tiny-sd3-no-t5/   the same without T5 (text_encoder_3=None: zero T5 embeddings)
+    OUT_DIR/tiny-flux/        FluxPipeline (CLIP + T5, guidance-distilled like FLUX.1-dev, 16-channel VAE)
     OUT_DIR/tiny-reward/      CLIPModel + CLIPProcessor (a PickScore stand-in)
     OUT_DIR/tiny-pickapic/    a `save_to_disk` dataset with the Pick-a-Pic v2 column schema:
                               JPEG bytes of uneven sizes, one tie (label_0 = 0.5)
@@ -169,6 +170,39 @@ def build_sd3(out_dir):
     pipe.save_pretrained(os.path.join(out_dir, "tiny-sd3-no-t5"))
 
 
+def build_flux(out_dir):
+    """FLUX.1-dev in miniature: CLIP (pooled) + T5 (sequence) text encoders, a guidance-embedding
+    FluxTransformer2DModel on 2x2-packed 16-channel latents, FLUX's VAE latent shift/scale and its
+    dynamically shifted FlowMatchEulerDiscreteScheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(4)
+    tokenizer, t5_tokenizer = make_tokenizer(), make_t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1,
+                                 num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1, norm_num_groups=8,
+        sample_size=32, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16 * 4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(text_config(len(tokenizer))), tokenizer=tokenizer,
+        text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer,
+    )
+    pipe.save_pretrained(os.path.join(out_dir, "tiny-flux"))
+
+
 def build_reward(out_dir):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
 
@@ -243,6 +277,7 @@ def main():
     build_sd(args.out_dir)
     build_sdxl(args.out_dir)
     build_sd3(args.out_dir)
+    build_flux(args.out_dir)
     build_reward(args.out_dir)
     build_dataset(args.out_dir, args.num_pairs)
     with open(os.path.join(args.out_dir, "README.json"), "w") as f:

@@ -3,7 +3,7 @@
 A script (SD, SDXL, or your copy) defines one class that follows :class:`Conditioning`; the shared
 code never asks which family it runs. Subclassing :class:`Conditioning` is optional (it is a
 ``typing.Protocol``), but it gives the defaults of a UNet diffusion family (``denoiser``,
-``lora_target_modules``, ``load_process``, ``load_denoiser``, ``sample_timesteps``, ``vae_dtype``,
+``lora_target_modules``, ``load_process``, ``load_denoiser``, ``load_vae``, ``sample_timesteps``, ``vae_dtype``,
 ``pipeline_from_pretrained``); a flow family (SD3, FLUX) overrides the first four.
 """
 
@@ -24,7 +24,11 @@ class Conditioning(Protocol):
     Attributes: ``pipeline_class`` (saves and loads the LoRA, builds validation pipelines; a class attribute,
     or a property that imports it when first used, as the SD and SDXL scripts do),
     ``text_encoders`` (moved to the CPU after ``--cache_text_embeddings``) and ``text_cache`` (set to a
-    :class:`smpo.cache.TextCache` then; ``encode_prompts`` is bypassed while it is set).
+    :class:`smpo.cache.TextCache` then; ``encode_prompts`` is bypassed while it is set). Optional:
+    ``predict(model, noisy, model_t, cond)`` -> the network's raw output, for a family whose network is not called
+    as ``model(noisy, timestep=model_t, **cond).sample`` (FLUX packs the latents into tokens around the call).
+    Optional: a static ``check_model(args)`` that stops the run (SystemExit, one sentence naming the fix) before
+    anything loads when the model cannot be trained by this family (FLUX: no T5, a resolution it cannot pack).
     """
 
     pipeline_class: type
@@ -49,7 +53,11 @@ class Conditioning(Protocol):
 
     @staticmethod
     def load_vae(args):
-        """The family's VAE (frozen by the caller)."""
+        """The family's VAE (frozen by the caller): the pipeline's ``vae/``."""
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
+                                             revision=args.revision, variant=args.variant)
 
     @staticmethod
     def load_process(args):

@@ -46,7 +46,7 @@ def renoise(args, models, latents, timesteps, cond, generator, num_pairs):
     """SmPO: ReNoise inversion of each clean latent to its timestep, by the policy or the reference."""
     unet = models.unet
     inverter = models.reference if args.inversion_model == "reference" else (
-        lambda z, model_t, c: predict(unet, z, model_t, c))  # no_grad: no DDP sync is set up
+        lambda z, model_t, c: predict(unet, z, model_t, c, models.conditioning))  # no_grad: no DDP sync is set up
 
     def predict_rows(z, model_t, index):  # only the samples still inverting, with their own conditioning
         return inverter(z.to(latents.dtype), model_t, select_rows(cond, index, len(timesteps)))

@@ -83,6 +83,15 @@ class RectifiedFlow:
     shift: float = 1.0
 
     @classmethod
+    def from_pipeline(cls, args, time_scale):
+        """From --pretrained_model_name_or_path's FlowMatchEulerDiscreteScheduler and the --weighting_scheme flags."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        config = FlowMatchEulerDiscreteScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                                             revision=args.revision)
+        return cls.from_scheduler_config(config, args, time_scale)
+
+    @classmethod
     def from_scheduler_config(cls, config, args, time_scale):
         """From a FlowMatchEulerDiscreteScheduler config and the --weighting_scheme flags."""
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -148,9 +157,13 @@ class RectifiedFlow:
         return float(((1.0 - s.double()) ** 2).mean())
 
 
-def add_flow_flags(parser, logit_mean=0.0, logit_std=1.0, mode_scale=1.29):
-    """The timestep-density flags of diffusers' SD3 / FLUX training scripts (same names and defaults)."""
+def add_flow_flags(parser, lora_target_modules=None, logit_mean=0.0, logit_std=1.0, mode_scale=1.29):
+    """The timestep-density flags of diffusers' SD3 / FLUX training scripts (same names and defaults), and their
+    --lora_layers when the family's default ``lora_target_modules`` are given."""
     a = parser.add_argument
+    if lora_target_modules is not None:
+        a("--lora_layers", default=None, help="Comma-separated transformer modules to train LoRA on (default: "
+                                              + ",".join(lora_target_modules) + ").")
     a("--weighting_scheme", default="logit_normal", choices=list(WEIGHTING_SCHEMES),
       help="Density of the training sigmas (diffusers' compute_density_for_timestep_sampling); the sigma is "
            "then read off the scheduler's shifted sigmas. No loss weighting: DPO compares raw velocity errors.")
@@ -159,11 +172,14 @@ def add_flow_flags(parser, logit_mean=0.0, logit_std=1.0, mode_scale=1.29):
     a("--mode_scale", type=float, default=mode_scale, help="Scale of the mode density.")
 
 
-def check_flow_args(args):
-    """Refuse the SD-only flags on a flow model, each with one sentence naming the fix."""
+def check_flow_args(args, family="a flow model"):
+    """Refuse the SD-only flags on a flow model (``family``: its name in the messages), each with one sentence
+    naming the fix."""
     if args.inversion_schedule != "exact":
         raise SystemExit(f"--inversion_schedule {args.inversion_schedule} replays the SD authors' DDIM grid and has no "
                          "meaning for a flow model: use --inversion_schedule exact (the default).")
+    if getattr(args, "unet_init", None):
+        raise SystemExit(f"--unet_init loads a UNet: {family} trains its transformer; drop --unet_init.")
 
 
 def converted_beta(beta_eps, process):

@@ -28,8 +28,12 @@ class Models:
     process: Any
 
 
-def predict(model, noisy, model_t, cond):
-    """The network's raw output; the time goes by keyword (a UNet and an SD3/FLUX transformer take it so)."""
+def predict(model, noisy, model_t, cond, conditioning=None):
+    """The network's raw output: ``model(noisy, timestep=model_t, **cond)`` (a UNet and an SD3 transformer take it
+    so), or the conditioning's own ``predict(model, noisy, model_t, cond)`` where it has one (FLUX packs latents)."""
+    family_predict = getattr(conditioning, "predict", None)
+    if family_predict is not None:
+        return family_predict(model, noisy, model_t, cond)
     return model(noisy, timestep=model_t, **cond).sample
 
 
@@ -56,7 +60,7 @@ def training_step(args, batch, models, generator, objective, noise_source):
     noisy = noisy.to(latents.dtype)
     model_t = process.model_time(t)
     # 4. denoising errors of the policy (with gradients) and the reference (without)
-    model_err = denoising_error(predict(models.unet, noisy, model_t, cond), target)
+    model_err = denoising_error(predict(models.unet, noisy, model_t, cond, models.conditioning), target)
     if not pairs:
         loss = objective.loss(model_err)
         return loss, {"loss": loss.detach(), "model_err_w": model_err.detach().mean()}
@@ -116,16 +120,17 @@ def sample_latents(mean, std, vae, generator):
     return latents * vae.config.scaling_factor
 
 
-def make_reference(unet, ref_unet):
-    """reference(noisy, model_t, cond) -> prediction: a frozen copy, or the LoRA network with adapters off."""
+def make_reference(unet, ref_unet, conditioning=None):
+    """reference(noisy, model_t, cond) -> prediction: a frozen copy, or the LoRA network with adapters off
+    (called through :func:`predict` with ``conditioning``)."""
     if ref_unet is not None:
-        return lambda noisy, t, cond: predict(ref_unet, noisy.to(ref_unet.dtype), t, cond)
+        return lambda noisy, t, cond: predict(ref_unet, noisy.to(ref_unet.dtype), t, cond, conditioning)
 
     def lora_reference(noisy, t, cond):
         adapters = extract_model_from_parallel(unet)  # disable_adapters is not reachable through DDP/FSDP
         adapters.disable_adapters()
         try:
-            return predict(unet, noisy, t, cond)  # through the wrapper, so sharded (FSDP) weights work
+            return predict(unet, noisy, t, cond, conditioning)  # through the wrapper, so sharded (FSDP) weights work
         finally:
             adapters.enable_adapters()
 

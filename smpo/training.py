@@ -42,6 +42,8 @@ def train(args, conditioning_class, objective=None, noise_source=None):
     noise_source = noise_source or NOISE_SOURCES[args.noise_source]
     require(training_needs(args))  # a missing model, folder or package: stop before anything is loaded or made
     check_pipeline_family(args, conditioning_class, os.path.basename(sys.argv[0]))  # SD3 into the SD script etc.
+    if hasattr(conditioning_class, "check_model"):
+        conditioning_class.check_model(args)  # the family's own (FLUX: T5 present, resolution packable)
     accelerator = make_accelerator(args)
     seed = shared_seed(args.seed)  # data order and augmentations: the same on every process
     accelerator.dataloader_config.data_seed = seed
@@ -77,7 +79,7 @@ def train(args, conditioning_class, objective=None, noise_source=None):
                 f"accumulation x {accelerator.num_processes} processes; lr {args.learning_rate}")
     metrics_log = MetricsLog(args.output_dir, accelerator, resume_step=global_step if checkpoint else None,
                              context=run_context(args, accelerator, process.context()))
-    models = Models(unet, make_reference(unet, ref_unet), vae, conditioning, process)
+    models = Models(unet, make_reference(unet, ref_unet, conditioning), vae, conditioning, process)
     run = Run(args, accelerator, models, objective, noise_source, loader, collator, optimizer, lr_scheduler, params,
               generator, health, metrics_log, weight_dtype)
     global_step, stopped_by = run_loop(run, global_step, first_epoch, resume_batches)

@@ -8,8 +8,8 @@ import sys
 import pytest
 from conftest import ROOT, accelerate_launch, run_script
 
-SCRIPTS = ("train_smpo_diffusion.py", "train_smpo_diffusion_sdxl.py", "train_smpo_diffusion_sd3.py", "evaluate.py",
-           "generate_pairs.py", "score_pairs.py")
+SCRIPTS = ("train_smpo_diffusion.py", "train_smpo_diffusion_sdxl.py", "train_smpo_diffusion_sd3.py",
+           "train_smpo_diffusion_flux.py", "evaluate.py", "generate_pairs.py", "score_pairs.py")
 # The notices every run printed before smpo/notices.py and smpo.setup.place (issue 17).
 LIBRARY_NOTICES = ("requires torchvision (not installed); falling back to", "gemm_4bit_forward from kernels-community",
                    "should be kept in float32")
