@@ -18,10 +18,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(HERE, "configs")
 MODELS = ("sd15", "sdxl", "sd35-medium", "sd35-large", "flux-dev")
 # the family (benchmarks/step_cost.py --family) whose training script and conditioning each model runs
-MODEL_FAMILY = {"sd15": "sd", "sdxl": "sdxl", "sd35-medium": "sd3", "sd35-large": "sd3"}
+MODEL_FAMILY = {"sd15": "sd", "sdxl": "sdxl", "sd35-medium": "sd3", "sd35-large": "sd3", "flux-dev": "flux"}
 NATIVE_RESOLUTION = {"sd15": 512, "sdxl": 1024, "sd35-medium": 1024, "sd35-large": 1024, "flux-dev": 1024}
 # --size tiny: examples/make_tiny_assets.py's models
-TINY_ASSETS = {"sd15": "tiny-sd", "sdxl": "tiny-sdxl", "sd35-medium": "tiny-sd3", "sd35-large": "tiny-sd3"}
+TINY_ASSETS = {"sd15": "tiny-sd", "sdxl": "tiny-sdxl", "sd35-medium": "tiny-sd3", "sd35-large": "tiny-sd3",
+               "flux-dev": "tiny-flux"}
+# the flow scripts read model_index.json (the pipeline class; is there a T5?): written for the published configs
+MODEL_INDEX = {"sd3": {"_class_name": "StableDiffusion3Pipeline", "text_encoder_3": ["transformers", "T5EncoderModel"]},
+               "flux": {"_class_name": "FluxPipeline", "text_encoder_2": ["transformers", "T5EncoderModel"]}}
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "examples")]  # smpo, make_tiny_assets
 
 
@@ -43,10 +47,9 @@ def config_folder(model, size, work):
         t5 = "T5" in build_config(folder, name)["architectures"][0]
         tokenizer = make_tiny_assets.make_t5_tokenizer() if t5 else make_tiny_assets.make_tokenizer()
         tokenizer.save_pretrained(os.path.join(folder, "tokenizer" + name[12:]))
-    if model in MODEL_FAMILY and MODEL_FAMILY[model] == "sd3":  # the SD3 script reads model_index.json (is there a T5?)
+    if MODEL_FAMILY.get(model) in MODEL_INDEX:
         with open(os.path.join(folder, "model_index.json"), "w") as f:
-            json.dump({"_class_name": "StableDiffusion3Pipeline", "text_encoder_3": ["transformers", "T5EncoderModel"]},
-                      f)
+            json.dump(MODEL_INDEX[MODEL_FAMILY[model]], f)
     return folder
 
 
@@ -97,14 +100,12 @@ def random_init_assets(args):
     from make_tiny_assets import pickapic_rows
 
     model = args.random_init
-    if model not in MODEL_FAMILY:
-        raise SystemExit(f"{model} has no training script yet, so only --count_only works for it.")
     args.size = args.size or ("full" if args.device.startswith("cuda") else "tiny")
     folder = config_folder(model, args.size, tempfile.mkdtemp(prefix="smpo-random-"))
     args.pretrained_model_name_or_path, args.family = folder, MODEL_FAMILY[model]
     if args.resolution is None and args.size == "full":
         args.resolution = NATIVE_RESOLUTION[model]
-    if args.family == "sdxl":  # an fp16-safe VAE (same shapes), as examples/train_sdxl_lora_24gb.sh: runs in weight dtype
+    if args.family == "sdxl":  # an fp16-safe VAE (same shapes), as examples/train_sdxl_lora_24gb.sh (weight dtype)
         args.extra_flags = ["--pretrained_vae_model_name_or_path", os.path.join(folder, "vae")]
     rows = pickapic_rows(args.train_batch_size)
     for i, row in enumerate(rows):

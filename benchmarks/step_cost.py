@@ -4,9 +4,10 @@
     python benchmarks/step_cost.py --quick --output_json docs/performance/step_cost_quick.json  # tiny SD, CPU (~3 min)
     python benchmarks/step_cost.py --random_init sdxl --mixed_precision bf16 --use_8bit_adam \\
         --gradient_checkpointing --output_json sdxl.json      # full-size SDXL, random weights, on a GPU; no download
-    python benchmarks/step_cost.py --quick --family sd3 --output_json docs/performance/step_cost_quick_sd3.json  # tiny SD3
+    python benchmarks/step_cost.py --quick --family sd3 --output_json docs/performance/step_cost_quick_sd3.json
     python benchmarks/step_cost.py --random_init sd35-medium --mixed_precision bf16 --use_8bit_adam \\
         --gradient_checkpointing --cache_text_embeddings        # full-size SD3.5 medium, random weights, on a GPU
+    python benchmarks/step_cost.py --quick --family flux --output_json docs/performance/step_cost_quick_flux.json
     python benchmarks/step_cost.py --random_init flux-dev --count_only    # parameter counts (meta device), seconds
     python benchmarks/step_cost.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --dataset_name PAIRS-scored --resolution 512 --mixed_precision fp16     # your own model and data
@@ -19,8 +20,8 @@ noise hits all three alike:
     smpo-forward  --loss_type smpo --noise_source forward (smoothing only)
     dpo           --loss_type dpo  --noise_source forward (Diffusion-DPO; Flow-DPO on a flow model)
 
---family picks the training script whose conditioning and process run (sd, sdxl, sd3); on a flow model
-(sd3) the inversion is the Euler + ReNoise one and "UNet" below means its transformer.
+--family picks the training script whose conditioning and process run (sd, sdxl, sd3, flux); on a flow
+model (sd3, flux) the inversion is the Euler + ReNoise one and "UNet" below means its transformer.
 
 and prints seconds per optimizer step (median), UNet image-forwards per step (counted by a hook: a call on n
 images counts n), peak accelerator memory, each as a ratio to DPO, and the floor ratio implied by the
@@ -58,7 +59,8 @@ CONFIGS = {"smpo": ("smpo", "renoise"), "smpo-forward": ("smpo", "forward"), "dp
 # --family: (training script, its conditioning class, its tiny model of examples/make_tiny_assets.py)
 FAMILIES = {"sd": ("train_smpo_diffusion", "SDConditioning", "tiny-sd"),
             "sdxl": ("train_smpo_diffusion_sdxl", "SDXLConditioning", "tiny-sdxl"),
-            "sd3": ("train_smpo_diffusion_sd3", "SD3Conditioning", "tiny-sd3")}
+            "sd3": ("train_smpo_diffusion_sd3", "SD3Conditioning", "tiny-sd3"),
+            "flux": ("train_smpo_diffusion_flux", "FluxConditioning", "tiny-flux")}
 
 
 def parse_args(argv=None):
@@ -124,7 +126,7 @@ class Setup:
         self.unet, self.name, self.batch = unet, name, batch
         self.params = [p for p in unet.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.args, self.params)
-        self.models = Models(unet, make_reference(unet, reference_unet), vae, conditioning, schedule)
+        self.models = Models(unet, make_reference(unet, reference_unet, conditioning), vae, conditioning, schedule)
         self.generator = torch.Generator().manual_seed(args.seed)  # on the host, as in training
         self.calls = 0
         for model in filter(None, (unet, reference_unet)):  # full fine-tuning: the reference is a second UNet
@@ -276,9 +278,9 @@ def results(args, setups, shared):
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
               else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s))")
     settings = {k: getattr(args, k) for k in (
-        "random_init", "size", "family", "pretrained_model_name_or_path", "resolution", "train_batch_size", "num_inversion_steps",
-        "inversion_schedule", "num_renoise_steps", "full_finetune", "rank", "mixed_precision", "use_8bit_adam",
-        "gradient_checkpointing", "cache_text_embeddings", "warmup_steps", "steps", "seed")}
+        "random_init", "size", "family", "pretrained_model_name_or_path", "resolution", "train_batch_size",
+        "num_inversion_steps", "inversion_schedule", "num_renoise_steps", "full_finetune", "rank", "mixed_precision",
+        "use_8bit_adam", "gradient_checkpointing", "cache_text_embeddings", "warmup_steps", "steps", "seed")}
     images = 2 * args.train_batch_size  # winners and losers
     configs = {}
     for s in setups:

@@ -60,14 +60,17 @@ def test_initial_noise_is_a_seeded_cpu_fp32_draw():
 
 # each model's deterministic sampler, as generate_pairs.py records it (smpo.sampling.use_deterministic_sampler)
 SAMPLERS = {"tiny-sd": ("DDIMScheduler", "DDIMScheduler, eta 0"),
-            "tiny-sd3": ("FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler, Euler")}
-REGENERATED = [("tiny-sd", "save_to_disk"), ("tiny-sd", "metadata_jsonl"), ("tiny-sd3", "save_to_disk")]
+            "tiny-sd3": ("FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler, Euler"),
+            "tiny-flux": ("FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler, Euler")}
+REGENERATED = [("tiny-sd", "save_to_disk"), ("tiny-sd", "metadata_jsonl"), ("tiny-sd3", "save_to_disk"),
+               ("tiny-flux", "save_to_disk")]
 
 
 @pytest.mark.parametrize("model, output_format", REGENERATED)
 def test_stored_images_are_regenerated_exactly_from_the_recorded_noise(pairs_of, tiny_assets, model, output_format):
     """Every image of the dataset again, from initial_noise(noise_seed_k, noise_shape) and the recorded sampler,
-    steps, guidance and size, through a freshly loaded pipeline: the same PNG pixels, bit for bit."""
+    steps, guidance and size, through a freshly loaded pipeline: the same PNG pixels, bit for bit. FLUX records
+    the unpacked noise (the latents its training script noises) and is given it packed into 2x2 tokens."""
     import diffusers
 
     folder = pairs_of(model, output_format)
@@ -76,7 +79,8 @@ def test_stored_images_are_regenerated_exactly_from_the_recorded_noise(pairs_of,
     pipe = diffusers.DiffusionPipeline.from_pretrained(tiny_assets / model)
     pipe.set_progress_bar_config(disable=True)
     net = getattr(pipe, "transformer", None) or pipe.unet
-    shape = [net.config.in_channels, RES // pipe.vae_scale_factor, RES // pipe.vae_scale_factor]
+    packed = model == "tiny-flux"  # its transformer's in_channels: 4 latent channels per 2x2 token
+    shape = [net.config.in_channels // (4 if packed else 1), RES // pipe.vae_scale_factor, RES // pipe.vae_scale_factor]
     assert summary["settings"]["latent_shape"] == shape
     assert "initial_noise(seed, shape)" in summary["settings"]["initial_noise"]
     scheduler, sampler = SAMPLERS[model]
@@ -91,6 +95,7 @@ def test_stored_images_are_regenerated_exactly_from_the_recorded_noise(pairs_of,
             for k in (0, 1):
                 assert row[f"noise_seed_{k}"] == 5 + row["prompt_index"] * 2 + row[f"image_index_{k}"]
                 latents = initial_noise(row[f"noise_seed_{k}"], row["noise_shape"])[None]
+                latents = pipe._pack_latents(latents, *latents.shape) if packed else latents
                 again = pipe(row["caption"], num_inference_steps=row["num_inference_steps"], **eta,
                              guidance_scale=row["guidance_scale"], height=row["height"], width=row["width"],
                              latents=latents, output_type="pil").images[0]
