@@ -70,12 +70,8 @@ run sd15-lora --random_init sd15
 run sd15-full --random_init sd15 --full_finetune
 run sdxl-lora --random_init sdxl
 run sdxl-full --random_init sdxl --full_finetune
-for flow in sd35-medium flux-dev; do  # measured once their training scripts exist (issue 18)
-  if "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import random_models as r; sys.exit('$flow' not in r.SCRIPTS)"
-  then run "$flow-lora" --random_init "$flow"
-  else echo "== $flow-lora: skipped, no training script yet"
-  fi
-done
+run sd35-medium-lora --random_init sd35-medium
+run flux-dev-lora --random_init flux-dev
 : > "$OUT_DIR/counts.jsonl"
 for model in sd15 sdxl sd35-medium sd35-large flux-dev; do
   "$PY" benchmarks/step_cost.py --random_init "$model" --count_only >> "$OUT_DIR/counts.jsonl" 2>> "$OUT_DIR/counts.log"

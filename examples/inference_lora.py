@@ -15,7 +15,6 @@ so the two can be compared.
 
 import argparse
 import os
-
 import sys
 
 import torch
