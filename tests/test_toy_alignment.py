@@ -134,3 +134,19 @@ def test_minimal_run_then_rerun_reuses_the_cached_base(tmp_path):
     assert math.isclose(res["final"]["true_preference_se"], np.std(finals, ddof=1) / math.sqrt(2), abs_tol=1e-9)
     context = json.loads((work / "runs" / "smpo_above5" / "seed-4" / "metrics.jsonl").read_text().splitlines()[0])
     assert context["context"]["inversion_schedule"] == "grid_above" and context["context"]["seed"] == 4
+
+
+def test_every_stored_result_names_the_command_that_made_it():
+    """docs/results.json: keys written by --record hold their command line; older keys written by hand carry a
+    provenance (the commit whose code produced them, the command, a note on what is superseded)."""
+    with open(os.path.join(ROOT, "docs", "results.json")) as f:
+        stored = json.load(f)
+    for key, value in stored.items():
+        if "command" in value:
+            assert value["command"].startswith("python "), key
+            continue
+        provenance = value.get("provenance")
+        assert isinstance(provenance, dict), f"docs/results.json[{key!r}] has neither 'command' nor 'provenance'"
+        assert set(provenance) == {"commit", "command", "note"}, (key, provenance)
+        assert len(provenance["commit"]) == 40 and int(provenance["commit"], 16) >= 0, (key, provenance["commit"])
+        assert provenance["command"].startswith("python ") and provenance["note"], key
