@@ -4,6 +4,7 @@ base model is cached, and Diffusion-DPO moves the preference the way the raters'
 import json
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -145,13 +146,12 @@ def test_minimal_run_then_rerun_reuses_the_cached_base(minimal_run):
 
 
 
-def implicit_reward_gap(base_dir, lora_dir, n=64, seed=12345, timesteps=(100, 300, 500, 700, 900)):
-    """(gap, its SE): how much more the LoRA's Diffusion-DPO implicit reward prefers warm disks than cold ones.
+def implicit_rewards(base_dir, lora_dirs, n=128, seed=12345, timesteps=(100, 300, 500, 700, 900)):
+    """Per LoRA, the Diffusion-DPO implicit reward of n held-out warm disks (warmth > 0.7), then n cold ones (< -0.7).
 
     The implicit reward of an image is the fall of its denoising error from the base model to the tuned one (what
-    the DPO loss raises for winners and lowers for losers). Measured on held-out world images (``n`` warm ones,
-    warmth > 0.7, and ``n`` cold ones, < -0.7; a seed the experiment does not use), each at fixed timesteps with
-    fixed noise, the same for the base and the LoRA; gap = mean reward on warm - on cold, SE over the images.
+    the DPO loss raises for winners and lowers for losers), averaged over fixed timesteps with fixed noise, the
+    same for the base and every LoRA. The images come from a seed the experiment does not use.
     """
     import torch
 
@@ -180,28 +180,41 @@ def implicit_reward_gap(base_dir, lora_dir, n=64, seed=12345, timesteps=(100, 30
             return err.numpy()
 
         base_err = denoising_error()
-        pipe.load_lora_weights(str(lora_dir))
-        reward = base_err - denoising_error()
-    on_warm, on_cold = reward[:n], reward[n:]
-    return on_warm.mean() - on_cold.mean(), math.sqrt(on_warm.var(ddof=1) / n + on_cold.var(ddof=1) / n)
+        rewards = []
+        for lora_dir in lora_dirs:
+            pipe.load_lora_weights(str(lora_dir))
+            rewards.append(base_err - denoising_error())
+            pipe.unload_lora_weights()
+    return rewards
+
+
+def warm_minus_cold(reward):
+    """(mean reward on the warm half - on the cold half, its standard error over the images)."""
+    n = len(reward) // 2
+    warm, cold = reward[:n], reward[n:]
+    return warm.mean() - cold.mean(), math.sqrt(warm.var(ddof=1) / n + cold.var(ddof=1) / n)
 
 
 def test_dpo_moves_the_model_the_way_the_raters_labels_point(minimal_run):
-    """Diffusion-DPO on the raters' labels makes the model's implicit reward prefer warm disks; with raters who
-    prefer cold ones (the labels reversed) it prefers cold ones. Both by more than 2 standard errors: a change
-    that ignores the labels (the same for both) cannot pass both. 20 steps of 8 pairs: the minimal 4 steps of 4
-    move the implicit reward by less than its noise."""
+    """Diffusion-DPO on the raters' labels makes the model's implicit reward prefer warm disks to cold ones; the
+    same run (same training seed, images and noise) with raters who prefer cold ones (the labels reversed) makes it
+    prefer cold ones; and the two differ by more than 2 standard errors, image by image. A training that ignored
+    the labels would give the two runs the same model. 20 steps of 8 pairs: the minimal 4 steps of 4 move the
+    implicit reward by less than its noise."""
     work = minimal_run[0]
     base_dir = next(work.glob("base-*"))
-    gaps = {}
-    for seed, temperature in ((1, 0.3), (2, -0.3)):  # two training seeds: their runs' folders differ
-        run_script([sys.executable, SCRIPT, "--minimal", "--work_dir", str(work), "--methods", "dpo", "--steps", "20",
-                    "--batch_size", "8", "--checkpoint_every", "20", "--train_seeds", str(seed), "--jobs", "1",
+    reversed_work = work.parent / "reversed-raters"  # the same base, cached: its folder is copied
+    shutil.copytree(base_dir, reversed_work / base_dir.name)
+    runs = []
+    for folder, temperature in ((work, 0.3), (reversed_work, -0.3)):
+        run_script([sys.executable, SCRIPT, "--minimal", "--work_dir", str(folder), "--methods", "dpo", "--steps",
+                    "20", "--batch_size", "8", "--checkpoint_every", "20", "--train_seeds", "1", "--jobs", "1",
                     f"--rater_temperature={temperature}"], timeout=600)
-        gaps[temperature] = implicit_reward_gap(base_dir, work / "runs" / "dpo" / f"seed-{seed}")
-    (warm_gap, warm_se), (cold_gap, cold_se) = gaps[0.3], gaps[-0.3]
-    assert warm_gap > 2 * warm_se, gaps
-    assert cold_gap < -2 * cold_se, gaps
+        runs.append(folder / "runs" / "dpo" / "seed-1")
+    preferring_warm, preferring_cold = implicit_rewards(base_dir, runs)
+    gaps = [warm_minus_cold(r) for r in (preferring_warm, preferring_cold, preferring_warm - preferring_cold)]
+    assert gaps[0][0] > 0 and gaps[1][0] < 0, gaps
+    assert gaps[2][0] > 2 * gaps[2][1], gaps
 
 def test_every_stored_result_names_the_command_that_made_it():
     """docs/results.json: keys written by --record hold their command line; older keys written by hand carry a
