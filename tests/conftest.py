@@ -49,6 +49,14 @@ def run_script(args, cwd=ROOT, timeout=600, check=True, env=None):
     return proc
 
 
+def index_only_model(tiny_assets, folder, model="tiny-sd"):
+    """A folder that passes the up-front model check (smpo/preflight.py) but holds no model to load: a test on it
+    shows that a check answers before any model loads."""
+    folder.mkdir()
+    (folder / "model_index.json").write_text((tiny_assets / model / "model_index.json").read_text())
+    return folder
+
+
 def accelerate_launch(script, *args, **kwargs):
     """`accelerate launch` on one CPU process, as a user would run it."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",

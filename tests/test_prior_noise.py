@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, accelerate_launch, run_script
+from conftest import ROOT, accelerate_launch, index_only_model, run_script
 from PIL import Image
 
 from smpo.data import PairTransform, PreferenceCollator, load_preference_dataset, open_image
@@ -189,28 +189,31 @@ def test_sdxl_trains_on_its_own_generated_pairs_with_prior_noise(pairs_of, tiny_
           tmp_path / "out", "--loss_type", "dpo")
 
 
-def refuse(tmp_path, dataset, *extra):
-    """Run the SD script's main in-process on a model folder that does not exist: only checks that come
+def refuse(tiny_assets, tmp_path, dataset, *extra):
+    """Run the SD script's main in-process on a model folder with no model in it: only checks that come
     before any model loads can answer."""
     import train_smpo_diffusion
 
-    args = train_smpo_diffusion.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "no-model-here"),
+    model = tmp_path / "index-only"
+    if not model.exists():
+        index_only_model(tiny_assets, model)
+    args = train_smpo_diffusion.parse_args(["--pretrained_model_name_or_path", str(model),
                                             "--dataset_name", str(dataset), "--output_dir", str(tmp_path / "x"),
                                             "--noise_source", "prior", *map(str, extra)])
     train_smpo_diffusion.main(args)
 
 
-def test_data_without_recorded_noise_is_refused_naming_generate_pairs(scored_dataset, tmp_path):
+def test_data_without_recorded_noise_is_refused_naming_generate_pairs(scored_dataset, tiny_assets, tmp_path):
     from smpo.data import PreferenceDataError
 
     with pytest.raises(PreferenceDataError, match="generate_pairs.py") as err:
-        refuse(tmp_path, scored_dataset, "--resolution", RES)
+        refuse(tiny_assets, tmp_path, scored_dataset, "--resolution", RES)
     assert "noise_seed_0" in str(err.value)
 
 
-def test_random_crops_and_another_resolution_are_refused(pairs_of, tmp_path):
+def test_random_crops_and_another_resolution_are_refused(pairs_of, tiny_assets, tmp_path):
     dataset = pairs_of("tiny-sd", "save_to_disk")
     with pytest.raises(SystemExit, match="--random_crop"):
-        refuse(tmp_path, dataset, "--resolution", RES, "--random_crop")
+        refuse(tiny_assets, tmp_path, dataset, "--resolution", RES, "--random_crop")
     with pytest.raises(SystemExit, match=f"--resolution {RES}"):
-        refuse(tmp_path, dataset, "--resolution", 2 * RES)
+        refuse(tiny_assets, tmp_path, dataset, "--resolution", 2 * RES)

@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import accelerate_launch, lora_up
+from conftest import accelerate_launch, index_only_model, lora_up
 from safetensors.torch import load_file
 
 SCRIPT = "train_smpo_diffusion.py"
@@ -150,9 +150,7 @@ def test_smpo_without_scores_says_to_run_score_pairs_before_loading_a_model(tiny
 
     from smpo.data import PreferenceDataError
 
-    model = tmp_path / "index-only"  # passes the up-front check (smpo/preflight.py) but holds no model to load
-    model.mkdir()
-    (model / "model_index.json").write_text((tiny_assets / "tiny-sd" / "model_index.json").read_text())
+    model = index_only_model(tiny_assets, tmp_path / "index-only")
     args = train_smpo_diffusion.parse_args(["--pretrained_model_name_or_path", str(model),
                                             "--dataset_name", str(tiny_assets / "tiny-pickapic"),
                                             "--output_dir", str(tmp_path / "x")])
