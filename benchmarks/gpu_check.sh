@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SmPO vs Diffusion-DPO step time and peak memory of the real architectures (random weights, nothing downloaded)
-# on this machine's GPU, in one command, within about 8 minutes on one H200-class GPU:
+# on this machine's GPU, in one command, within about 11 minutes on one H200-class GPU:
 #
 #   bash benchmarks/gpu_check.sh                   # writes OUT_DIR (default: $OUT, else gpu-check/)
 #   bash benchmarks/gpu_check.sh --dry_run         # the same runs on the tiny configs on the CPU (a few minutes)
@@ -15,7 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT_DIR=${OUT_DIR:-${OUT:-gpu-check}}
-RUN_LIMIT=${RUN_LIMIT:-100}  # seconds per run: 4 runs + the counts stay within 8 minutes
+RUN_LIMIT=${RUN_LIMIT:-100}  # seconds per run: 6 runs + the counts, 11 minutes at most (RUN_LIMIT=75: 9)
 requirements() { grep -vE '^(#|torch|pytest|matplotlib)' requirements.txt; }
 
 if [ "${1:-}" = "--prepare_wheels" ]; then
