@@ -22,6 +22,7 @@ from .bookkeeping import (MetricsLog, RunHealth, end_processes, replicas_identic
                           tracker_config, write_summary)
 from .checkpoints import StepGenerator, checkpoint_step, find_checkpoint, register_checkpoint_hooks, \
     remove_partial_checkpoints
+from .cost import UNetWork
 from .inputs import cache_text_embeddings, make_dataloader, open_training_pairs
 from .loop import Run, run_loop
 from .noise_sources import NOISE_SOURCES
@@ -76,7 +77,7 @@ def train(args, conditioning_class, objective=None, noise_source=None):
                              context=run_context(args, accelerator, schedule.prediction_type, schedule.steps_offset))
     models = Models(unet, make_reference(unet, ref_unet), vae, conditioning, schedule)
     run = Run(args, accelerator, models, objective, noise_source, loader, collator, optimizer, lr_scheduler, params,
-              generator, health, metrics_log, weight_dtype)
+              generator, health, metrics_log, weight_dtype, UNetWork(accelerator.unwrap_model(unet), ref_unet))
     global_step, stopped_by = run_loop(run, global_step, first_epoch, resume_batches)
 
     accelerator.wait_for_everyone()
