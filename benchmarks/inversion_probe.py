@@ -153,12 +153,17 @@ def main(args):
                                     "err_mean": errors.mean().item()}
         print(f"{name:<26}" + "  ".join(f"{b}: {r['err']:.3f}/{r['std']:.2f}/{r['corr_x0']:+.2f}" for b, r in rows.items()),
               flush=True)
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "probe.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(args.output_dir, "probe.md"), "w") as f:
-        f.write(markdown(results))
+    write_outputs(args.output_dir, "probe", results, markdown(results))
     return results
+
+
+def write_outputs(output_dir, name, results, table):
+    """NAME.json (the results) and NAME.md (the table) in output_dir."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, f"{name}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(output_dir, f"{name}.md"), "w") as f:
+        f.write(table)
 
 
 def markdown(results):

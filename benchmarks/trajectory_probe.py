@@ -3,7 +3,6 @@
 See inversion_probe.py's docstring for what is measured; this module samples, records and compares.
 """
 
-import json
 import os
 import sys
 
@@ -12,7 +11,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from inversion_probe import BUCKETS  # noqa: E402
+from inversion_probe import BUCKETS, write_outputs  # noqa: E402
 
 
 def sample_trajectories(pipe, args):
@@ -103,11 +102,7 @@ def trajectory_probe(args):
                                       "levels": sorted(set(t[m].tolist()))}
         results["sources"][name] = rows
         print(f"{name:<34}" + "  ".join(f"{b}: {r['noise_units']:.3f}" for b, r in rows.items()), flush=True)
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "trajectory.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(args.output_dir, "trajectory.md"), "w") as f:
-        f.write(markdown(results))
+    write_outputs(args.output_dir, "trajectory", results, markdown(results))
     return results
 
 
