@@ -56,7 +56,7 @@ def trajectory_probe(args):
     from smpo.renoise import add_noise, renoise_inversion
 
     torch.manual_seed(args.seed)
-    pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     alphas_cumprod = pipe.scheduler.alphas_cumprod.float()
     steps_offset = pipe.scheduler.config.get("steps_offset", 0)
