@@ -17,8 +17,8 @@ def fmt_se(values):
     return f"{se:.3f}" if se is not None else f"n/a ({len(values)} seed)"
 
 
-X_AXES = {"step": "training step", "unet_work": "UNet work (image-forwards; training forward + backward = 3, "
-                                                "no-grad = 1; counted)"}
+X_AXES = {"step": "training step", "unet_work": "UNet work, counted (per image: training forward + backward 3, "
+                                                "no-grad forward 1)"}
 
 
 def plot_curves(results, path, size=(720, 440), x="step"):
@@ -119,13 +119,33 @@ def markdown_table(results):
             f"{fmt(res.get('step_cost_vs_dpo'), '.2f')} | "
             f"{last.get('model_minus_ref_w', float('nan')):+.4f} | {last.get('model_minus_ref_l', float('nan')):+.4f} | "
             f"{last.get('noise_std_w', float('nan')):.2f} / {last.get('noise_std_l', float('nan')):.2f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *curve_table(results)]) + "\n"
+
+
+def curve_table(results):
+    """Lines of a table: each method's preference at each evaluated step (mean +- SE), the UNet work it had
+    spent by then (mean over seeds, in DPO steps: units / DPO's work per step) and each seed's final."""
+    steps = sorted({int(s) for res in results["methods"].values() for s in res["curve"]} - {0})
+    dpo = results["methods"].get("dpo", {}).get("unet_work_per_step")
+    unit = f"DPO steps of work ({dpo:.0f} units each)" if dpo else "UNet work units"
+    lines = [f"Preference at each evaluated step, mean +- SE over seeds [UNet work spent by then, in {unit}]:", "",
+             "| method | " + " | ".join(f"step {s}" for s in steps) + " | finals by seed |",
+             "|---|" + "---|" * (len(steps) + 1)]
+    for res in results["methods"].values():
+        cells = []
+        for s in steps:
+            row = res["curve"].get(str(s))
+            work = row["unet_work"] / dpo if row and dpo else (row or {}).get("unet_work")
+            cells.append("-" if row is None else f"{row['true_preference']:+.3f} +- {row['true_preference_se']:.3f} "
+                                                 f"[{work:.0f}]")
+        finals = " / ".join(f"{v:+.3f}" for v in res["final_by_seed"].values())
+        lines.append(f"| {res['label']} | " + " | ".join(cells) + f" | {finals} |")
+    return lines
 
 
 def write_outputs(results, work, suffix, grid_rows, grid_labels):
     """results{suffix}.json and .md, preference_vs_step{suffix}.png, preference_vs_unet_work{suffix}.png,
-    samples_grid{suffix}.png; the tables and times
-    in the terminal."""
+    samples_grid{suffix}.png; the tables and times in the terminal."""
     results["plot_size"] = plot_curves(results, os.path.join(work, f"preference_vs_step{suffix}.png"))
     results["work_plot_size"] = plot_curves(results, os.path.join(work, f"preference_vs_unet_work{suffix}.png"),
                                             x="unet_work")
