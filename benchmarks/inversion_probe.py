@@ -16,6 +16,24 @@ bucket, averaged over the samples:
 
 The UNet inverts and predicts with the conditional text embedding only, in fp32 on the CPU. Writes
 probe.json and probe.md (a table) to --output_dir.
+
+    python benchmarks/inversion_probe.py --trajectory --pretrained_model_name_or_path toy-alignment/base-<key> \
+        --output_dir docs/probe
+
+--trajectory: the ground truth is the model's own sampling trajectory. It samples --num_latents images as
+generate_pairs.py does (DDIM, eta 0, from smpo.sampling.initial_noise(seed + i), guidance 1, the caption of the
+toy, --num_inference_steps) and records the latent the sampler passed through at each of its levels t. The image
+is then taken as training sees it (decoded, rounded to 8 bits, VAE-encoded, a posterior sample: x0) and, per
+t bucket, the distance from the trajectory latent z_t is measured for
+
+- ``forward``: sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, eps random (Diffusion-DPO);
+- ``prior``: the same with eps = the image's initial noise (--noise_source prior);
+- ``renoise exact K=..``: ReNoise inversion of x0 to t by the same model (R = 1; --noise_source renoise);
+- the last two also from the sampler's own final latent (``sampler x0``: no decode / encode round trip).
+
+Distances are RMS over the latent's elements, divided by sqrt(1 - abar_t): in noise units, the RMS difference
+between the noise the source implies and the trajectory's (forward noise: ~sqrt(2) where x0 is right).
+Writes trajectory.json and trajectory.md to --output_dir.
 """
 
 import argparse
@@ -35,7 +53,12 @@ BUCKETS = [(0, 50), (50, 200), (200, 400), (400, 700), (700, 1000)]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", required=True, help="an SD pipeline folder (the base model)")
-    p.add_argument("--dataset_name", required=True, help="a preference dataset (its jpg_0 images are probed)")
+    p.add_argument("--dataset_name", default=None, help="a preference dataset (its jpg_0 images are probed)")
+    p.add_argument("--trajectory", action="store_true",
+                   help="probe against the model's own sampling trajectory (no dataset: the images are sampled)")
+    p.add_argument("--num_inference_steps", type=int, default=25,
+                   help="--trajectory: DDIM steps (the full toy experiment's on-policy pairs: 25)")
+    p.add_argument("--caption", default="a disk", help="--trajectory: the prompt (the toy's caption)")
     p.add_argument("--num_latents", type=int, default=48)
     p.add_argument("--timesteps_per_bucket", type=int, default=2, help="timesteps drawn per latent and bucket")
     p.add_argument("--resolution", type=int, default=32)
@@ -130,12 +153,17 @@ def main(args):
                                     "err_mean": errors.mean().item()}
         print(f"{name:<26}" + "  ".join(f"{b}: {r['err']:.3f}/{r['std']:.2f}/{r['corr_x0']:+.2f}" for b, r in rows.items()),
               flush=True)
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "probe.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(args.output_dir, "probe.md"), "w") as f:
-        f.write(markdown(results))
+    write_outputs(args.output_dir, "probe", results, markdown(results))
     return results
+
+
+def write_outputs(output_dir, name, results, table):
+    """NAME.json (the results) and NAME.md (the table) in output_dir."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, f"{name}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(output_dir, f"{name}.md"), "w") as f:
+        f.write(table)
 
 
 def markdown(results):
@@ -151,4 +179,12 @@ def markdown(results):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = parse_args()
+    if args.trajectory:
+        from trajectory_probe import trajectory_probe
+
+        trajectory_probe(args)
+    elif args.dataset_name is None:
+        raise SystemExit("give --dataset_name (the images to probe), or --trajectory")
+    else:
+        main(args)

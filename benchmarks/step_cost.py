@@ -113,6 +113,7 @@ class Setup:
     """One configuration: its own LoRA (or full) UNet and optimizer on shared frozen parts."""
 
     def __init__(self, name, args, script, frozen, batch, build_unet=None, family=None):
+        from smpo.cost import UNetWork
         from smpo.setup import make_optimizer, setup_unets
         from smpo.step import Models, make_reference
 
@@ -128,18 +129,12 @@ class Setup:
         self.optimizer = make_optimizer(self.args, self.params)
         self.models = Models(unet, make_reference(unet, reference_unet, conditioning), vae, conditioning, schedule)
         self.generator = torch.Generator().manual_seed(args.seed)  # on the host, as in training
-        self.calls = 0
-        for model in filter(None, (unet, reference_unet)):  # full fine-tuning: the reference is a second UNet
-            model.register_forward_pre_hook(self.count, with_kwargs=True)
+        self.counter = UNetWork(unet, reference_unet)  # full fine-tuning: the reference is a second UNet
         self.autocast = torch.autocast(args.device.split(":")[0], dtype=self.weight_dtype(args),
                                        enabled=args.mixed_precision != "no")
-        self.times, self.call_counts, self.step_growth = [], [], 0
+        self.times, self.call_counts, self.work_counts, self.step_growth = [], [], [], 0
         self.step()  # the optimizer state exists after the first step
         self.own_memory = None if before is None else allocated(args.device) - before
-
-    def count(self, _, inputs, kwargs):
-        """A call on n images counts n (the latents come first, or as hidden_states=)."""
-        self.calls += (inputs[0] if inputs else kwargs["hidden_states"]).shape[0]
 
     @staticmethod
     def weight_dtype(args):
@@ -173,13 +168,15 @@ class Setup:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        self.calls = 0
+        self.counter.take()
         sync()
         start = time.perf_counter()
         self.step()
         sync()
         self.times.append(time.perf_counter() - start)
-        self.call_counts.append(self.calls)
+        forwards, work = self.counter.take()
+        self.call_counts.append(forwards)
+        self.work_counts.append(work)
         if cuda:
             self.step_growth = max(self.step_growth, torch.cuda.max_memory_allocated() - base)
 
@@ -281,18 +278,18 @@ def results(args, setups, shared):
         "random_init", "size", "family", "pretrained_model_name_or_path", "resolution", "train_batch_size",
         "num_inversion_steps", "inversion_schedule", "num_renoise_steps", "full_finetune", "rank", "mixed_precision",
         "use_8bit_adam", "gradient_checkpointing", "cache_text_embeddings", "warmup_steps", "steps", "seed")}
-    images = 2 * args.train_batch_size  # winners and losers
     configs = {}
     for s in setups:
         peak = None if shared is None else (shared + s.own_memory + s.step_growth) / 2**20
         configs[s.name] = {"loss_type": CONFIGS[s.name][0], "noise_source": CONFIGS[s.name][1],
                            "seconds_per_step": statistics.median(s.times), "image_forwards_per_step":
-                           statistics.mean(s.call_counts), "image_forwards": s.call_counts, "step_seconds": s.times,
+                           statistics.mean(s.call_counts), "image_forwards": s.call_counts,
+                           "unet_work_per_step": statistics.mean(s.work_counts), "step_seconds": s.times,
                            "peak_memory_mib": peak}
     dpo = configs["dpo"]
     for c in configs.values():
         c["x_dpo"] = c["seconds_per_step"] / dpo["seconds_per_step"]
-        c["floor_x_dpo"] = (4 + (c["image_forwards_per_step"] - dpo["image_forwards_per_step"]) / images) / 4
+        c["floor_x_dpo"] = c["unet_work_per_step"] / dpo["unet_work_per_step"]  # smpo.cost's units
         c["memory_x_dpo"] = None if c["peak_memory_mib"] is None else c["peak_memory_mib"] / dpo["peak_memory_mib"]
     return {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "settings": settings, "configs": configs}

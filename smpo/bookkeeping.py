@@ -132,11 +132,13 @@ class MetricsLog:
     """OUTPUT_DIR/metrics.jsonl: a first line ``{"context": {...}}`` (the method and its settings), then one
     JSON line per optimizer step with its metrics and the rows trained on.
 
-    On resume, lines after the checkpoint's step (from the interrupted run) are dropped.
+    On resume, lines after the checkpoint's step (from the interrupted run) are dropped. A step's ``unet_work``
+    (smpo.cost) is added up into ``unet_work_total``, continued from the kept lines on resume.
     """
 
     def __init__(self, output_dir, accelerator, resume_step=None, context=None):
         self.path = os.path.join(output_dir, "metrics.jsonl") if accelerator.is_main_process else None
+        self.work_total = 0
         if not self.path:
             return
         kept = []
@@ -145,10 +147,14 @@ class MetricsLog:
                 kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
         if not kept:
             kept = [json.dumps({"context": context}) + "\n"]
+        self.work_total = ([0] + [line.get("unet_work_total", 0) for line in map(json.loads, kept)])[-1]
         with open(self.path, "w") as f:
             f.writelines(kept)
 
     def write(self, step, logs, rows):
+        if "unet_work" in logs:
+            self.work_total += logs["unet_work"]
+            logs = {**logs, "unet_work_total": self.work_total}
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **logs, "rows": rows}) + "\n")

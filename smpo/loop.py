@@ -33,6 +33,7 @@ class Run:
     health: Any  # smpo.bookkeeping.RunHealth
     metrics_log: Any  # smpo.bookkeeping.MetricsLog
     weight_dtype: Any
+    work: Any  # smpo.cost.UNetWork: the UNet work of each step
 
 
 def run_loop(run, global_step, first_epoch, resume_batches):
@@ -53,6 +54,7 @@ def run_loop(run, global_step, first_epoch, resume_batches):
         for batch in loader:
             if not run.health.check_batch(accelerator, batch, epoch):  # stops past --max_bad_pair_fraction
                 continue
+            run.work.take()  # not counted: UNet calls between steps (validation)
             with accelerator.accumulate(run.models.unet):
                 loss, metrics = training_step(args, batch, run.models, run.generator.generator, run.objective,
                                               run.noise_source)
@@ -68,11 +70,14 @@ def run_loop(run, global_step, first_epoch, resume_batches):
                     run.optimizer.zero_grad(set_to_none=True)
             for k, v in metrics.items():
                 pending.setdefault(k, []).append(v.detach().float())
+            pending.setdefault("unet_work", []).append(torch.tensor(float(run.work.take()[1]), device=accelerator.device))
             rows.extend(batch["rows"].tolist())
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            micro_batches = len(pending["unet_work"])
             logs = gather_means(accelerator, pending)
+            logs["unet_work"] = round(logs["unet_work"] * micro_batches * accelerator.num_processes)  # the sum
             logs.update(lr=run.lr_scheduler.get_last_lr()[0], skipped_update=int(skip_update),
                         bad_pairs=run.health.num_bad)
             run.health.after_step(global_step, skip_update)

@@ -24,6 +24,7 @@ from .bookkeeping import (MetricsLog, RunHealth, end_processes, replicas_identic
 from .checkpoints import StepGenerator, checkpoint_step, find_checkpoint, register_checkpoint_hooks, \
     remove_partial_checkpoints
 from .conditioning import check_pipeline_family
+from .cost import UNetWork
 from .inputs import cache_text_embeddings, make_dataloader, open_training_pairs
 from .loop import Run, run_loop
 from .noise_sources import NOISE_SOURCES
@@ -81,7 +82,7 @@ def train(args, conditioning_class, objective=None, noise_source=None):
                              context=run_context(args, accelerator, process.context()))
     models = Models(unet, make_reference(unet, ref_unet, conditioning), vae, conditioning, process)
     run = Run(args, accelerator, models, objective, noise_source, loader, collator, optimizer, lr_scheduler, params,
-              generator, health, metrics_log, weight_dtype)
+              generator, health, metrics_log, weight_dtype, UNetWork(accelerator.unwrap_model(unet), ref_unet))
     global_step, stopped_by = run_loop(run, global_step, first_epoch, resume_batches)
 
     accelerator.wait_for_everyone()

@@ -86,6 +86,8 @@ def test_step_cost_benchmark_quick_counts_every_image_forward(tiny_assets, score
     assert configs["dpo"]["image_forwards"] == [4, 4] and configs["smpo-forward"]["image_forwards"] == [4, 4]
     assert configs["smpo"]["image_forwards"] == [44, 44]
     assert configs["smpo"]["floor_x_dpo"] == 6.0 and configs["dpo"]["x_dpo"] == 1.0
+    # UNet work (smpo.cost, the training loop's counter): 2 images x (3 + 1) for DPO, + 40 no-grad forwards for SmPO
+    assert configs["dpo"]["unet_work_per_step"] == 8 and configs["smpo"]["unet_work_per_step"] == 48
     assert configs["dpo"]["peak_memory_mib"] is None  # no accelerator memory on the CPU
 
 

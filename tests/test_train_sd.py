@@ -68,6 +68,11 @@ def test_lora_smpo_run_saves_weights_that_load_and_change_images(tiny_assets, sc
                 "model_minus_ref_w", "model_minus_ref_l", "noise_std_w", "noise_std_l", "reward_margin", "weight", "lr"):
         assert all(np.isfinite(m[key]) for m in logged), key
     assert all(0 < m["weight"] < 10 for m in logged)  # smoothed weights, not hard labels
+    # UNet work (smpo.cost), counted by hand: per image 3 (policy forward + backward; gradient checkpointing
+    # recomputes inside the UNet's blocks, not another UNet call) + 1 (reference) + K = 10 exact inversion steps
+    # of R + 1 = 2 no-grad forwards (every t drawn here is >= 10, so each sample takes all K steps)
+    assert [m["unet_work"] for m in logged] == [2 * len(m["rows"]) * (3 + 1 + 10 * 2) for m in logged]
+    assert [m["unet_work_total"] for m in logged] == list(np.cumsum([m["unet_work"] for m in logged]))
     for m in logged:
         assert m["model_minus_ref_w"] == pytest.approx(m["model_err_w"] - m["ref_err_w"], abs=1e-6)
         assert 0 < m["noise_std_w"] and 0 < m["noise_std_l"]
@@ -91,6 +96,16 @@ def test_equal_preferences_do_not_move_the_model(tiny_assets, scored_dataset, tm
     pipe = DiffusionPipeline.from_pretrained(tiny_assets / "tiny-sd")
     pipe.load_lora_weights(out)
     np.testing.assert_array_equal(generate(pipe), base_images(tiny_assets))
+
+
+def test_dpo_unet_work_is_counted_over_accumulated_micro_batches(tiny_assets, scored_dataset, tmp_path):
+    """Diffusion-DPO with forward noise, 2 micro-batches of 2 pairs per step: each pair's 2 images cost 3 units
+    (policy forward + backward) + 1 (reference forward) = 8 per pair, 32 per step."""
+    out = tmp_path / "dpo"
+    train(tiny_assets, scored_dataset, out, "--loss_type", "dpo", "--gradient_accumulation_steps", 2)
+    logged = metrics(out)
+    assert [len(m["rows"]) for m in logged] == [4, 4]
+    assert [(m["unet_work"], m["unet_work_total"]) for m in logged] == [(32, 32), (32, 64)]
 
 
 def test_v_prediction_model_trains_with_the_authors_inversion_and_data_selection_recorded(tiny_assets,
@@ -134,6 +149,9 @@ def test_full_finetune_resumes_exactly_and_saves_a_pipeline_that_loads_and_diffe
                  steps=7)
     assert "Resuming from" in proc.stdout + proc.stderr
     assert sorted(d.name for d in (tmp_path / "resumed").glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (2, 4, 6)]
+    # the counted UNet work (a second, frozen reference UNet here) continues from the checkpoint's total
+    work = [[(m["unet_work"], m["unet_work_total"]) for m in metrics(tmp_path / run)] for run in ("straight", "resumed")]
+    assert work[0] == work[1] and all(w > 0 for w, _ in work[0])
     name = "unet/diffusion_pytorch_model.safetensors"
     a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
     assert a.keys() == b.keys()

@@ -15,6 +15,7 @@ from .runs import ROOT, cached_stage, run
 from .world import CAPTION, RESOLUTION, draw_disks, encoded, hue_warmth, to_uint8, true_preference
 
 DATA_VERSION = "toy-data-v1"
+ON_POLICY_VERSION = "n1"  # n1: the pairs record each image's initial noise (--noise_source prior); older caches don't
 
 
 def preference_data(args, cfg, work, base_dir, base_key, tqdm):
@@ -39,7 +40,8 @@ def preference_data(args, cfg, work, base_dir, base_key, tqdm):
     if cached:
         print(f"reusing the cached preference data and reward model {data_dir}")
     if args.data_source == "on_policy":  # the base model's own samples, same reward model and raters
-        on_policy_dir = os.path.join(work, f"on-policy-{data_key}-{base_key}-{args.on_policy_pairs or cfg['num_pairs']}")
+        on_policy_dir = os.path.join(work, f"on-policy-{ON_POLICY_VERSION}-{data_key}-{base_key}-"
+                                           f"{args.on_policy_pairs or cfg['num_pairs']}")
         if not os.path.exists(os.path.join(on_policy_dir, "DONE")):
             print("sampling the base model's own pairs with generate_pairs.py")
         on_policy, _ = cached_stage(on_policy_dir,

@@ -28,7 +28,13 @@ METHODS = {
                        "flags": inversion("exact", 10, "reference")},
     "refinv_above5": {"label": "SmPO ref-inverts grid_above K=5", "short": "ref above K5",
                       "flags": inversion("grid_above", 5, "reference")},
+    # each image's own generation noise (docs/prior_noise.md): needs pairs that record it (--data_source on_policy)
+    "smpo_prior": {"label": "SmPO smoothing + prior noise", "short": "SmPO prior",
+                   "flags": ["--loss_type", "smpo", "--noise_source", "prior"]},
+    "dpo_prior": {"label": "Diffusion-DPO + prior noise", "short": "DPO prior",
+                  "flags": ["--loss_type", "dpo", "--noise_source", "prior"]},
 }
+PRIOR = ["smpo_prior", "dpo_prior"]
 ABLATION = ["dpo", "smpo_smooth", "smpo_exact10", "smpo_above5", "smpo_above10", "smpo_below5", "refinv_exact10",
             "refinv_above5"]
 DEFAULT_METHODS = ["dpo", "smpo_smooth", "smpo"]
@@ -113,6 +119,10 @@ def parse_args(argv=None, description=None):
     args.methods = list(dict.fromkeys(m for name in args.methods for m in (ABLATION if name == "ablation" else [name])))
     args.base_threads = args.base_threads or args.jobs * args.threads
     args.train_seeds = args.train_seeds if args.train_seeds is not None else [args.seed]
+    prior = [m for m in args.methods if m in PRIOR]
+    if prior and args.data_source != "on_policy":
+        p.error(f"{' '.join(prior)} train on each image's generation noise, which only --data_source on_policy "
+                "records (generate_pairs.py)")
     return args
 
 

@@ -90,10 +90,12 @@ def run_dir(runs_dir, name, seed):
 
 
 def run_record(path):
-    """What the experiment keeps of a finished training run: its last logged training metrics and s/step."""
+    """What the experiment keeps of a finished training run: its last logged training metrics, the UNet work it
+    counted (smpo.cost: ``unet_work_total`` after each step) and its wall-clock s/step."""
     with open(os.path.join(path, "metrics.jsonl")) as f:
-        metrics_last = [m for m in map(json.loads, f) if "step" in m][-1]
-    return {"metrics_last": metrics_last, "seconds_per_step": seconds_per_step(path)}
+        logged = [m for m in map(json.loads, f) if "step" in m]
+    return {"metrics_last": logged[-1], "seconds_per_step": seconds_per_step(path),
+            "unet_work_total": {m["step"]: m["unet_work_total"] for m in logged}}
 
 
 def seconds_per_step(run_path):

@@ -28,7 +28,9 @@ def summarize(images, base_images):
 
 def aggregate(methods, runs, jobs, evaluated, base, records):
     """Per method: each seed's curve, and the curve over seeds (mean; SE over seeds when there are several,
-    else the one run's sampling SE), its final point, area under the curve, s/step, training metrics.
+    else the one run's sampling SE), its final point, area under the curve, the UNet work counted by the
+    training loop (per step, and the cumulative work at each evaluated step: ``curve[step]["unet_work"]``), the
+    wall-clock s/step and the training metrics.
 
     ``methods``: {name: {"label", "flags"}}; ``runs``: (name, seed) pairs; ``jobs``: (name, seed, step, path) of
     each evaluated checkpoint and ``evaluated`` its summary; ``records``: {(name, seed): runs.run_record()}.
@@ -45,6 +47,8 @@ def aggregate(methods, runs, jobs, evaluated, base, records):
             mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
             if len(rows) > 1:
                 mean["true_preference_se"] = standard_error([r["true_preference"] for r in rows])
+            mean["unet_work"] = float(np.mean([records[(name, seed)]["unet_work_total"].get(int(step), 0)
+                                               for seed in seeds]))  # cumulative, mean over seeds
             curve[step] = mean
         final = curve[str(max(map(int, curve)))]
         metrics = [records[(name, seed)]["metrics_last"] for seed in seeds]
@@ -55,12 +59,19 @@ def aggregate(methods, runs, jobs, evaluated, base, records):
                 final["true_preference_se"], base["true_preference_se"]),
             "auc": area_under_curve(curve), "auc_by_seed": {str(s): area_under_curve(c) for s, c in seeds.items()},
             "final_by_seed": {str(s): c[str(max(map(int, c)))]["true_preference"] for s, c in seeds.items()},
-            "seconds_per_step": float(np.median(speeds)) if speeds else None,
+            "unet_work_per_step": float(np.mean([work_per_step(records[(name, seed)]) for seed in seeds])),
+            "seconds_per_step": float(np.median(speeds)) if speeds else None,  # wall-clock: the machine's load too
             "train_metrics_last": {k: float(np.mean([m[k] for m in metrics])) for k in
                                    ("loss", "implicit_acc", "weight", "model_minus_ref_w", "model_minus_ref_l",
                                     "noise_std_w", "noise_std_l") if k in metrics[0]},
         }
     return out
+
+
+def work_per_step(record):
+    """A run's UNet work per optimizer step (its total over its steps)."""
+    totals = record["unet_work_total"]
+    return totals[max(totals)] / max(totals)
 
 
 def area_under_curve(curve):
@@ -71,7 +82,8 @@ def area_under_curve(curve):
 
 
 def compare_with_dpo(results):
-    """Steps to reach Diffusion-DPO's final mean preference, and s/step and cost to get there relative to DPO."""
+    """Steps and counted UNet work to reach Diffusion-DPO's final mean preference, UNet work per step, each
+    relative to DPO; also the wall-clock s/step and the wall-clock cost to get there (machine load included)."""
     if "dpo" not in results["methods"]:
         return
     dpo = results["methods"]["dpo"]
@@ -83,6 +95,11 @@ def compare_with_dpo(results):
         res["step_cost_vs_dpo"] = speed
         steps, dpo_steps = results["steps_to_dpo_final"][name], results["steps_to_dpo_final"]["dpo"]
         res["cost_to_dpo_final_vs_dpo"] = speed * steps / dpo_steps if speed and steps and dpo_steps else None
+        res["unet_work_per_step_vs_dpo"] = res["unet_work_per_step"] / dpo["unet_work_per_step"]
+        res["unet_work_to_dpo_final"] = res["curve"][str(steps)]["unet_work"] if steps is not None else None
+        dpo_work = dpo["curve"][str(dpo_steps)]["unet_work"] if dpo_steps else None
+        res["unet_work_to_dpo_final_vs_dpo"] = (res["unet_work_to_dpo_final"] / dpo_work
+                                                if res["unet_work_to_dpo_final"] is not None and dpo_work else None)
 
 
 def steps_to_reach(curve, level):

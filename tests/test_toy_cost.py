@@ -1,0 +1,43 @@
+"""The toy experiment's cost columns come from the UNet work the training runs counted (smpo.cost), not from time."""
+
+import os
+import sys
+
+import pytest
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from toy.experiment import parse_args  # noqa: E402
+from toy.stats import aggregate, compare_with_dpo  # noqa: E402
+
+
+def test_work_to_reach_dpo_final_is_the_counted_work_at_the_first_step_that_reaches_it():
+    """DPO: 8 units a step, reaches its final 0.2 at step 4 (32 units). SmPO: 48 a step (6x), reaches 0.2 already at
+    step 2 (96 units): 3x DPO's work to get there, though half the steps."""
+    methods = {name: {"label": name, "flags": []} for name in ("dpo", "smpo")}
+    runs = [("dpo", 0), ("smpo", 0)]
+    prefs = {("dpo", 2): 0.1, ("dpo", 4): 0.2, ("smpo", 2): 0.25, ("smpo", 4): 0.3}
+    jobs = [(name, 0, step, None) for (name, step) in prefs]
+    evaluated = [{"true_preference": p, "true_preference_se": 0.01} for p in prefs.values()]
+    records = {(name, 0): {"metrics_last": {}, "seconds_per_step": None,
+                           "unet_work_total": {s: per_step * s for s in range(1, 5)}}
+               for name, per_step in (("dpo", 8), ("smpo", 48))}
+    base = {"true_preference": 0.0, "true_preference_se": 0.01}
+    results = {"methods": aggregate(methods, runs, jobs, evaluated, base, records)}
+    compare_with_dpo(results)
+    dpo, smpo = results["methods"]["dpo"], results["methods"]["smpo"]
+    assert [smpo["curve"][s]["unet_work"] for s in ("0", "2", "4")] == [0, 96, 192]
+    assert (dpo["unet_work_per_step"], smpo["unet_work_per_step"]) == (8, 48)
+    assert smpo["unet_work_per_step_vs_dpo"] == 6.0
+    assert results["steps_to_dpo_final"] == {"dpo": 4, "smpo": 2}
+    assert (dpo["unet_work_to_dpo_final"], smpo["unet_work_to_dpo_final"]) == (32, 96)
+    assert smpo["unet_work_to_dpo_final_vs_dpo"] == 3.0
+    assert smpo["step_cost_vs_dpo"] is None  # no wall-clock time recorded: no wall-clock column, not a guess
+
+
+def test_prior_noise_methods_need_the_on_policy_pairs_that_record_the_noise(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--methods", "dpo", "smpo_prior"])
+    assert "--data_source on_policy" in capsys.readouterr().err
+    args = parse_args(["--data_source", "on_policy", "--methods", "smpo_prior", "dpo_prior"])
+    assert args.methods == ["smpo_prior", "dpo_prior"]
