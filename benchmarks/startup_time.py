@@ -23,8 +23,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("train_smpo_diffusion.py", "train_smpo_diffusion_sdxl.py", "evaluate.py", "generate_pairs.py",
-           "score_pairs.py")
+SCRIPTS = ("train_smpo_diffusion.py", "train_smpo_diffusion_sdxl.py", "train_smpo_diffusion_sd3.py",
+           "train_smpo_diffusion_flux.py", "evaluate.py", "generate_pairs.py", "score_pairs.py")
 
 
 def missing_model_args(script, tmp):
@@ -67,6 +67,8 @@ def main():
             f.write("a photo of a cat\n")
         for script in SCRIPTS:
             path = os.path.join(args.root, script)
+            if not os.path.exists(path):  # an older checkout: the flow scripts came later
+                continue
             results[script] = {
                 "help_s": round(time_command([sys.executable, path, "--help"], args.root, args.repeats, False), 2),
                 "missing_model_s": round(time_command([sys.executable, path, *missing_model_args(script, tmp)],

@@ -139,11 +139,12 @@ def initial_noise(seed, shape):
     return torch.randn(tuple(int(n) for n in shape), generator=generator, dtype=torch.float32)
 
 
-def is_flow_model(args):
-    """Whether --pretrained_model_name_or_path is a rectified-flow pipeline (SD3, FLUX), from its model_index.json."""
+def is_flow_model(args, name_or_path=None):
+    """Whether a pipeline (default --pretrained_model_name_or_path) is a rectified flow (SD3, FLUX), from its
+    model_index.json."""
     from .conditioning import pipeline_family
 
-    family = pipeline_family(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    family = pipeline_family(name_or_path or args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     return bool(family and family[1])
 
 
@@ -212,7 +213,7 @@ def load_pipeline(name_or_path, args, base=True, device=None):
         components["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=dtype,
                                                           cache_dir=args.cache_dir)
     if base and args.unet_init:
-        if is_flow_model(args):
+        if is_flow_model(args, str(name_or_path)):
             raise SystemExit("--unet_init loads a UNet: a flow pipeline (SD3, FLUX) samples with its transformer; "
                              "drop --unet_init and pass a complete pipeline instead.")
         components["unet"] = load_unet_init(args.unet_init, torch_dtype=dtype, cache_dir=args.cache_dir)
