@@ -64,13 +64,6 @@ class SDConditioning(Conditioning):
         return [CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
                                              revision=args.revision, variant=args.variant)]
 
-    @staticmethod
-    def load_vae(args):
-        from diffusers import AutoencoderKL
-
-        return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
-                                             revision=args.revision, variant=args.variant)
-
 
 def parse_args(argv=None):
     parser = flags.build_parser(__doc__, resolution=512, beta_dpo=2000.0, num_inversion_steps=10,

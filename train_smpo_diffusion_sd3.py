@@ -133,13 +133,6 @@ class SD3Conditioning(Conditioning):
         return encoders
 
     @staticmethod
-    def load_vae(args):
-        from diffusers import AutoencoderKL
-
-        return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
-                                             revision=args.revision, variant=args.variant)
-
-    @staticmethod
     def vae_dtype(args, weight_dtype):
         """fp32, as diffusers' SD3 training scripts run it (cache the latents to take it off the GPU's work)."""
         return torch.float32

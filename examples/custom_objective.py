@@ -16,7 +16,7 @@ objective or noise, copy this file and add it to OBJECTIVES / NOISE_SOURCES belo
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from smpo import flags, training
@@ -52,11 +52,6 @@ class SDConditioning(Conditioning):
         captions = batch["captions"]
         hidden = self.text_cache(captions) if self.text_cache else self.encode_prompts(captions)
         return {"encoder_hidden_states": hidden.to(self.device).repeat(num_images_per_caption, 1, 1)}
-
-    @staticmethod
-    def load_vae(args):
-        return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
-                                             revision=args.revision, variant=args.variant)
 
 
 LABEL_SMOOTHING = 0.1  # cDPO's epsilon: the chance that a human label is flipped
