@@ -2,7 +2,7 @@
 # SmPO LoRA on SDXL for one 24 GB GPU: rank 8, fp16, 8-bit AdamW, gradient checkpointing,
 # the fp16-fix VAE, 1 pair per step x 64 accumulation. The reference is the same UNet with its
 # adapters disabled, so only one SDXL UNet is in memory. Memory was not measured on a GPU here:
-# see README "Performance".
+# see docs/performance.md ("What fits on one GPU").
 set -euo pipefail
 accelerate launch --num_processes 1 --mixed_precision fp16 train_smpo_diffusion_sdxl.py \
   --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \

@@ -32,6 +32,49 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert install_and_test in ci
 
 
+def launch_words(shell_script):
+    """The words after `accelerate launch` in a shell script of the repository (its `"$@"` left out)."""
+    import shlex
+
+    text = open(os.path.join(ROOT, shell_script), encoding="utf-8").read()
+    return shlex.split(text.split("accelerate launch", 1)[1].replace("\\\n", " ").replace('"$@"', ""), comments=True)
+
+
+def script_commands(*docs):
+    """(script, its arguments) of each command in the README's (and the given docs') bash blocks that runs one of
+    this repository's top-level Python scripts, or a shell script of examples/ (its launch line's flags, then the
+    command's own, which override them)."""
+    import shlex
+
+    found = []
+    for block in readme_commands(*docs):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if len(words) > 1 and words[0] == "bash" and words[1].startswith("examples/") and words[1].endswith(".sh"):
+                words = launch_words(words[1]) + words[2:]
+            script = next((w for w in words if w.endswith(".py") and "/" not in w), None)
+            if script is not None and "..." not in words:  # `script.py ...`: "the same flags", not a command
+                found.append((script, words[words.index(script) + 1:]))
+    return found
+
+
+def test_readme_and_flow_doc_commands_use_flags_their_scripts_have(capsys):
+    """Each command's flags are options in its script's --help, written out in full, and parse (hub ids are not
+    looked up: parsing loads nothing)."""
+    commands = script_commands("flow.md", "flux.md", "generate_pairs.md")
+    scripts = {script for script, _ in commands}
+    assert {"train_smpo_diffusion_sd3.py", "train_smpo_diffusion_flux.py", "train_smpo_diffusion_sdxl.py",
+            "generate_pairs.py", "evaluate.py", "score_pairs.py"} <= scripts
+    for script, argv in commands:
+        module = __import__(script[:-3])
+        with pytest.raises(SystemExit):
+            module.parse_args(["--help"])
+        options = set(re.findall(r"^\s+(--[\w-]+)", capsys.readouterr().out, flags=re.M))
+        flags = {w.split("=", 1)[0] for w in argv if w.startswith("--")}
+        assert flags <= options, (script, flags - options)
+        module.parse_args(argv)
+
+
 @pytest.fixture(scope="module")
 def quickstart_dir(tmp_path_factory, tiny_assets, scored_dataset):
     """A work folder laid out like the repository root after the quick start ran (on the session's assets:
@@ -103,11 +146,7 @@ def test_inference_script_loads_the_sdxl_lora(quickstart_dir):
 def test_paper_scripts_reproduce_the_authors_inversion_and_data(script, k):
     """examples/train_*_paper.sh parse with their training script's flags and run the authors' loop as it
     ran (grid_above, their K, human ties dropped)."""
-    import shlex
-
-    text = open(os.path.join(ROOT, "examples", script), encoding="utf-8").read()
-    words = shlex.split(text.split("accelerate launch", 1)[1].replace("\\\n", " ").replace('"$@"', ""),
-                        comments=True)
+    words = launch_words(os.path.join("examples", script))
     training_script = next(w for w in words if w.endswith(".py"))
     # the optional `${UNET_INIT:+--unet_init $UNET_INIT}` splits into two words, both left out
     flags = [w for w in words[words.index(training_script) + 1:] if "UNET_INIT" not in w]

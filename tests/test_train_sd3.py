@@ -170,3 +170,53 @@ def test_a_nan_loss_skips_its_update_as_in_the_sd_scripts(tiny_assets, scored_da
                  env={"SMPO_TEST_NAN_LOSS_AT_STEPS": "1"})
     assert "non-finite loss" in proc.stderr
     assert [m["skipped_update"] for m in metrics(tmp_path)] == [1, 0]
+
+
+# docs/flow.md, "Another flow family": a copy of this script with its own conditioning class
+NEW_FAMILY = '''
+
+class NewFlowConditioning(SD3Conditioning):
+    """A stand-in for another flow family: its own LoRA targets, a transformer told sigma in [0, 1] and called
+    through the family's own predict (SD3's text encoders, for the tiny SD3 pipeline)."""
+
+    lora_target_modules = ("attn.to_q", "attn.to_v")
+
+    @staticmethod
+    def load_process(args):
+        from smpo.processes import RectifiedFlow
+
+        return RectifiedFlow.from_pipeline(args, time_scale=1.0)
+
+    def predict(self, model, noisy, model_t, cond):
+        assert float(model_t.max()) <= 1.0, "told sigma * 1000: the swapped load_process was not used"
+        print("NewFlowConditioning.predict", flush=True)
+        return model(hidden_states=noisy, timestep=model_t, return_dict=False, **cond)[0]
+'''
+
+
+def test_a_copied_flow_script_trains_with_its_own_conditioning_class(tiny_assets, scored_dataset, tmp_path):
+    """Adding a flow family = a copy of a flow script whose conditioning class is swapped; the shared code runs it
+    (LoRA targets, process, predict all the class's own), through accelerate launch."""
+    from conftest import ROOT
+
+    source = open(f"{ROOT}/{SCRIPT}", encoding="utf-8").read()
+    call = "training.train(args, SD3Conditioning,"
+    assert source.count(call) == 1 and source.count("\n\ndef parse_args") == 1
+    copy = tmp_path / "train_smpo_new_family.py"
+    copy.write_text(source.replace("\n\ndef parse_args", NEW_FAMILY + "\n\ndef parse_args")
+                    .replace(call, "training.train(args, NewFlowConditioning,"))
+    out = tmp_path / "out"
+    proc = accelerate_launch(copy, "--pretrained_model_name_or_path", tiny_assets / "tiny-sd3-no-t5",
+                             "--dataset_name", scored_dataset, "--output_dir", out, "--resolution", 32,
+                             "--train_batch_size", 2, "--max_train_steps", 2, "--learning_rate", 1e-3, "--seed", 0,
+                             "--num_inversion_steps", 2, cwd=tmp_path)
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    assert {k.split(".attn.")[1].rsplit(".lora_", 1)[0] for k in weights} == {"to_q", "to_v"}
+    assert any(v.abs().max() > 0 for v in lora_up(weights))
+    context = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["context"]
+    assert context["process"] == "rectified_flow" and context["time_scale"] == 1.0
+    # the policy, the reference and the ReNoise inversion all called the family's predict (2 steps)
+    assert proc.stdout.count("NewFlowConditioning.predict") > 2 * 2
+    logged = metrics(out)
+    assert len(logged) == 2 and all(np.isfinite(m["loss"]) for m in logged)
+    assert logged[0]["loss"] == pytest.approx(np.log(2), abs=1e-6) and logged[1]["loss"] != logged[0]["loss"]
