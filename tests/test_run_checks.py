@@ -33,7 +33,8 @@ def run_and_list_heavy_imports(script, *args):
     """The script run in-process on ``args`` until it exits (its exit message on stderr); its stdout ends with
     'HEAVY [...]', the heavy packages it had imported by then."""
     code = ("import runpy, sys\nsys.argv = sys.argv[1:]\n"
-            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n    print(e, file=sys.stderr)\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit as e:\n    print(e, file=sys.stderr)\n"
             "print('HEAVY', sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers', 'peft', "
             "'bitsandbytes'}))")
     return run_script([sys.executable, "-c", code, os.path.join(ROOT, script), *map(str, args)])
