@@ -218,10 +218,10 @@ def settings(args, image_size, sampler):
 
 # ------------------------------------------------------------------------------------- main
 def main(args):
+    check_run(args)  # before the heavy imports: a missing model is named in about as long as --help takes
     from diffusers.training_utils import free_memory
     from PIL import Image
 
-    check_run(args)
     prompts = read_prompts(args.prompts_file, args.dataset_name, args.dataset_split_name, args.caption_column,
                            args.num_prompts, args.cache_dir)
     os.makedirs(args.output_dir, exist_ok=True)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# SmPO vs Diffusion-DPO step time and peak memory of the real architectures (random weights, nothing downloaded)
-# on this machine's GPU, in one command, within about 11 minutes on one H200-class GPU:
+# SmPO (renoise), smoothing only, prior and Diffusion-DPO: step time and peak memory of the real architectures
+# (random weights, nothing downloaded) on this machine's GPU, in one command, within about 11 minutes on one
+# H200-class GPU:
 #
 #   bash benchmarks/gpu_check.sh                   # writes OUT_DIR (default: $OUT, else gpu-check/)
 #   bash benchmarks/gpu_check.sh --dry_run         # the same runs on the tiny configs on the CPU (a few minutes)

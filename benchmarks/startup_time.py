@@ -4,6 +4,7 @@
     python benchmarks/startup_time.py --label after      # writes docs/startup_time.json (merged by label)
 
     python benchmarks/startup_time.py --label before --root OLD_CHECKOUT   # e.g. a `git archive` of an older commit
+    python benchmarks/startup_time.py --label x --scripts evaluate.py --output /tmp/x.json   # one script, elsewhere
 
 For every script it times, in a fresh Python process each time, ``python SCRIPT --help`` and a run whose
 ``--pretrained_model_name_or_path`` (or, for score_pairs.py, ``--reward_model_name_or_path``) is a folder
@@ -58,6 +59,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--output", default=os.path.join(HERE, "docs", "startup_time.json"))
     p.add_argument("--root", default=HERE, help="the checkout whose scripts are timed (default: this one)")
+    p.add_argument("--scripts", nargs="+", default=SCRIPTS, choices=SCRIPTS, metavar="SCRIPT",
+                   help="time only these (default: all of them)")
     args = p.parse_args()
     load_before = os.getloadavg()[0]
     results = {"import torch": round(time_command([sys.executable, "-c", "import torch"], args.root, args.repeats,
@@ -65,7 +68,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "prompts.txt"), "w") as f:
             f.write("a photo of a cat\n")
-        for script in SCRIPTS:
+        for script in args.scripts:
             path = os.path.join(args.root, script)
             if not os.path.exists(path):  # an older checkout: the flow scripts came later
                 continue

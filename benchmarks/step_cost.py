@@ -12,13 +12,18 @@
     python benchmarks/step_cost.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --dataset_name PAIRS-scored --resolution 512 --mixed_precision fp16     # your own model and data
 
-Runs the training step of smpo.step (the same code the scripts run, set up by smpo.setup) for three configurations
+Runs the training step of smpo.step (the same code the scripts run, set up by smpo.setup) for four configurations
 on the same model, batch and data, after warm-up, interleaving them round by round so machine
-noise hits all three alike:
+noise hits all four alike:
 
     smpo          --loss_type smpo --noise_source renoise (K inversion steps, R renoise steps; the scripts' K=10 exact)
     smpo-forward  --loss_type smpo --noise_source forward (smoothing only)
+    prior         --loss_type smpo --noise_source prior   (each image's recorded generation noise, no inversion)
     dpo           --loss_type dpo  --noise_source forward (Diffusion-DPO; Flow-DPO on a flow model)
+
+prior reads the batch's noise_seeds and noise_shapes (smpo.data.noise_columns, from the rows' noise_seed_0,
+noise_seed_1 and noise_shape as generate_pairs.py writes them); rows without them (the synthetic and the tiny
+data) get seeds of the benchmark's own at the training latents' shape: the cost does not depend on the seeds.
 
 --family picks the training script whose conditioning and process run (sd, sdxl, sd3, flux); on a flow
 model (sd3, flux) the inversion is the Euler + ReNoise one and "UNet" below means its transformer.
@@ -55,7 +60,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import random_models  # noqa: E402
 
-CONFIGS = {"smpo": ("smpo", "renoise"), "smpo-forward": ("smpo", "forward"), "dpo": ("dpo", "forward")}
+CONFIGS = {"smpo": ("smpo", "renoise"), "smpo-forward": ("smpo", "forward"), "prior": ("smpo", "prior"),
+           "dpo": ("dpo", "forward")}
 # --family: (training script, its conditioning class, its tiny model of examples/make_tiny_assets.py)
 FAMILIES = {"sd": ("train_smpo_diffusion", "SDConditioning", "tiny-sd"),
             "sdxl": ("train_smpo_diffusion_sdxl", "SDXLConditioning", "tiny-sdxl"),
@@ -181,14 +187,34 @@ class Setup:
             self.step_growth = max(self.step_growth, torch.cuda.max_memory_allocated() - base)
 
 
-def make_batch(args, rows):
-    """One training batch of the first --train_batch_size pairs of ``rows`` (a dataset or a list of row dicts)."""
+def make_batch(args, rows, vae):
+    """One training batch of the first --train_batch_size pairs of ``rows`` (a dataset or a list of row dicts),
+    with each image's initial noise seed and shape for --noise_source prior (see :func:`with_noise_seeds`)."""
     from smpo.data import PairDataset, PairTransform, PreferenceCollator
 
     collator = PreferenceCollator(PairTransform(args.resolution), "smpo", seed=args.seed)
     pairs = PairDataset(rows, list(range(args.train_batch_size)))
-    batch = collator([pairs[i] for i in range(len(pairs))])
+    shape = latent_shape(vae, args.resolution)
+    batch = collator([with_noise_seeds(pairs[i], shape, args.seed) for i in range(len(pairs))])
     return {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def latent_shape(vae, resolution):
+    """(channels, h, w) of one image's training latents: the VAE's, downsampled 2 ** (levels - 1) times (FLUX's
+    before packing), the shape generate_pairs.py records as noise_shape (smpo.sampling.latent_shape)."""
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    return [vae.config.latent_channels, resolution // scale, resolution // scale]
+
+
+def with_noise_seeds(example, shape, seed):
+    """A row as generate_pairs.py writes it: its own noise_seed_0 / noise_seed_1 / noise_shape where it records them,
+    else seeds of the benchmark's own (2 row + seed, 2 row + seed + 1) at ``shape``."""
+    from smpo.data import NOISE_SEED_COLUMNS
+
+    if all(c in example for c in (*NOISE_SEED_COLUMNS, "noise_shape")):
+        return example
+    seeds = dict(zip(NOISE_SEED_COLUMNS, (2 * example["row"] + seed, 2 * example["row"] + seed + 1)))
+    return {**example, **seeds, "noise_shape": list(shape)}
 
 
 def quick_assets(args):
@@ -251,7 +277,7 @@ def main(args):
         import datasets
 
         rows = datasets.load_from_disk(args.dataset_name)
-    batch = make_batch(args, rows)
+    batch = make_batch(args, rows, frozen[1])
     if args.cache_text_embeddings:
         cache_text_embeddings(args, frozen[0], batch)
     shared = allocated(args.device)

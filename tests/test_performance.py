@@ -73,6 +73,17 @@ def step_cost(tmp_path, *args):
     return proc.stdout, json.loads(out.read_text())
 
 
+def assert_prior_costs_what_dpo_costs(stdout, configs):
+    """--noise_source prior (SmPO smoothing on each image's recorded noise) is measured, in the table and the JSON,
+    and counts no inversion: DPO's image-forwards and UNet work, floor 1."""
+    assert (configs["prior"]["loss_type"], configs["prior"]["noise_source"]) == ("smpo", "prior")
+    assert configs["prior"]["image_forwards"] == configs["dpo"]["image_forwards"]
+    assert configs["prior"]["unet_work_per_step"] == configs["dpo"]["unet_work_per_step"]
+    assert configs["prior"]["floor_x_dpo"] == 1.0 and configs["prior"]["seconds_per_step"] > 0
+    forwards = configs["dpo"]["image_forwards_per_step"]
+    assert re.search(rf"^prior\s+[\d.]+\s+[\d.]+\s+{forwards:.1f}\s+1\.00", stdout, re.M)  # the printed table
+
+
 def test_step_cost_benchmark_quick_counts_every_image_forward(tiny_assets, scored_dataset, tmp_path):
     stdout, result = step_cost(tmp_path, "--quick", "--steps", 2, "--resolution", 32, "--assets", tiny_assets,
                                "--dataset_name", scored_dataset)
@@ -88,18 +99,20 @@ def test_step_cost_benchmark_quick_counts_every_image_forward(tiny_assets, score
     assert configs["smpo"]["floor_x_dpo"] == 6.0 and configs["dpo"]["x_dpo"] == 1.0
     # UNet work (smpo.cost, the training loop's counter): 2 images x (3 + 1) for DPO, + 40 no-grad forwards for SmPO
     assert configs["dpo"]["unet_work_per_step"] == 8 and configs["smpo"]["unet_work_per_step"] == 48
+    assert_prior_costs_what_dpo_costs(stdout, configs)
     assert configs["dpo"]["peak_memory_mib"] is None  # no accelerator memory on the CPU
 
 
 def test_step_cost_random_init_runs_the_tiny_configs_on_the_cpu(tmp_path):
     """--random_init: the model built from configs (tiny on the CPU), full fine-tuning counts the reference UNet."""
-    _, result = step_cost(tmp_path, "--random_init", "sdxl", "--steps", 1, "--warmup_steps", 1, "--resolution", 32,
+    stdout, result = step_cost(tmp_path, "--random_init", "sdxl", "--steps", 1, "--warmup_steps", 1, "--resolution", 32,
                           "--train_batch_size", 2, "--full_finetune", "--cache_text_embeddings")
     assert result["settings"]["size"] == "tiny" and result["settings"]["random_init"] == "sdxl"
     configs = result["configs"]
     assert configs["dpo"]["image_forwards"] == [8]  # 4 images through the policy and 4 through the reference copy
     assert configs["smpo"]["image_forwards"] == [8 + 4 * 10 * 2]
     assert all(c["seconds_per_step"] > 0 for c in configs.values())
+    assert_prior_costs_what_dpo_costs(stdout, configs)
 
 
 @pytest.mark.parametrize("family, model", [("sd3", "sd35-medium"), ("flux", "flux-dev")])
@@ -113,12 +126,14 @@ def test_step_cost_measures_the_flow_families_on_their_tiny_models_and_random_in
     assert result["settings"]["family"] == family
     assert result["settings"]["pretrained_model_name_or_path"].endswith(f"tiny-{family}")
     assert re.search(r"^smpo\s+[\d.]+\s+[\d.]+\s+44\.0\s+6\.00", stdout, re.M)
-    _, result = step_cost(tmp_path, "--random_init", model, "--steps", 1, "--warmup_steps", 1, "--resolution", 32,
-                          "--full_finetune", "--cache_text_embeddings")
+    assert_prior_costs_what_dpo_costs(stdout, result["configs"])
+    stdout, result = step_cost(tmp_path, "--random_init", model, "--steps", 1, "--warmup_steps", 1,
+                               "--resolution", 32, "--full_finetune", "--cache_text_embeddings")
     assert result["settings"]["family"] == family and result["settings"]["size"] == "tiny"
     configs = result["configs"]
     assert configs["dpo"]["image_forwards"] == [4]  # 2 images through the policy and 2 through the reference copy
     assert configs["smpo"]["image_forwards"] == [4 + 2 * 10 * 2]
+    assert_prior_costs_what_dpo_costs(stdout, configs)
 
 
 # published parameter counts: SD 1.5 UNet 859.52 M, SDXL UNet 2.567 B, FLUX.1-dev transformer 11.9 B,

@@ -29,14 +29,34 @@ def assert_stopped_with(proc, *sentences):
     assert all("simple_launcher" in t for t in tracebacks), proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_help_imports_neither_diffusers_nor_transformers(script):
-    code = ("import runpy, sys\nsys.argv = [sys.argv[1], '--help']\n"
-            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit:\n    pass\n"
+def run_and_list_heavy_imports(script, *args):
+    """The script run in-process on ``args`` until it exits (its exit message on stderr); its stdout ends with
+    'HEAVY [...]', the heavy packages it had imported by then."""
+    code = ("import runpy, sys\nsys.argv = sys.argv[1:]\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit as e:\n    print(e, file=sys.stderr)\n"
             "print('HEAVY', sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers', 'peft', "
             "'bitsandbytes'}))")
-    proc = run_script([sys.executable, "-c", code, os.path.join(ROOT, script)])
+    return run_script([sys.executable, "-c", code, os.path.join(ROOT, script), *map(str, args)])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_imports_neither_diffusers_nor_transformers(script):
+    proc = run_and_list_heavy_imports(script, "--help")
     assert "--output_dir" in proc.stdout  # the help was printed
+    assert "HEAVY []" in proc.stdout, proc.stdout[-500:]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_missing_model_is_named_before_the_heavy_imports(script, tmp_path):
+    """The up-front check answers in about --help's time (issue 17): evaluate.py imported diffusers.training_utils
+    (and with it torch._dynamo, peft, bitsandbytes) before its check, 5.9 s against --help's 1.4 s."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from startup_time import missing_model_args  # the arguments benchmarks/startup_time.py times
+
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\n", encoding="utf-8")
+    proc = run_and_list_heavy_imports(script, *missing_model_args(script, str(tmp_path)))
+    assert f"'{tmp_path / 'no-such-model'}': no such folder." in proc.stderr, proc.stderr[-2000:]
     assert "HEAVY []" in proc.stdout, proc.stdout[-500:]
 
 
