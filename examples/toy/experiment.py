@@ -70,16 +70,18 @@ PRESETS = {
                  num_eval_samples=256, eval_inference_steps=25, grid_samples=8),
 }
 # The flow base (--family flow): an SD3-style transformer instead of the UNet, otherwise the SD sizes except where
-# given here. Full mode is sized to run whole (base, world pairs and on-policy pairs with 3 seeds, a beta sweep) in
-# about 45 minutes on 2 cores (docs/flow.md). probe_k / probe_r: the K and R candidates of the flow inversion probe
-# that chooses the smpo method's K and R (pipeline.choose_inversion).
+# given here. Full mode is sized for the whole flow experiment (base, world pairs and on-policy pairs with 3 seeds,
+# a beta sweep: the commands of docs/flow.md) to run in about 40 minutes on 2 cores (an estimate from measured
+# per-forward costs, docs/flow.md). probe_*: the flow inversion probe that chooses SmPO's K and R
+# (pipeline.choose_inversion) from these candidates.
 FLOW_PRESETS = {
     "minimal": dict(flow_layers=1, flow_heads=2, flow_head_dim=8, flow_steps=20, probe_latents=4, probe_k=(2,),
                     probe_r=(0, 1)),
-    "quick": dict(flow_layers=2, flow_heads=4, flow_head_dim=8, flow_steps=600, probe_latents=16, probe_k=(5, 10),
+    "quick": dict(flow_layers=2, flow_heads=4, flow_head_dim=16, flow_steps=600, probe_latents=16, probe_k=(5, 10),
                   probe_r=(0, 1)),
     "full": dict(flow_layers=2, flow_heads=4, flow_head_dim=16, flow_steps=1500, probe_latents=32, probe_k=(5, 10),
-                 probe_r=(0, 1, 2), steps=100, checkpoint_every=25, num_eval_samples=192, eval_inference_steps=20),
+                 probe_r=(0, 1, 2), num_pairs=1600, steps=160, checkpoint_every=40, num_eval_samples=160,
+                 eval_inference_steps=20),
 }
 
 
