@@ -80,7 +80,7 @@ FLOW_PRESETS = {
     "quick": dict(flow_layers=2, flow_heads=4, flow_head_dim=16, flow_steps=600, probe_latents=16, probe_k=(5, 10),
                   probe_r=(0, 1)),
     "full": dict(flow_layers=2, flow_heads=4, flow_head_dim=16, flow_steps=1500, probe_latents=32, probe_k=(5, 10),
-                 probe_r=(0, 1, 2), num_pairs=1600, steps=160, checkpoint_every=40, num_eval_samples=160,
+                 probe_r=(0, 1), num_pairs=1600, steps=160, checkpoint_every=40, num_eval_samples=128,
                  eval_inference_steps=20),
 }
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 FLOW_SHIFT = 3.0  # the flow base's FlowMatchEulerDiscreteScheduler shift (SD3 / SD3.5's)
 # T5 tokens of the flow base (zeros: it has no T5, as StableDiffusion3Pipeline conditions without one), the same in
 # base training, the training runs (--max_sequence_length), sampling and generate_pairs.py. Not the pipeline's 256:
-# the 333 context tokens made each transformer call 3x the cost of 77 + 16 (measured, batch 16, 1 thread).
+# its 333 context tokens made each call of the toy's transformer ~3x dearer than 77 + 16 (batch 16, 1 thread, CPU).
 FLOW_T5_TOKENS = 16
 SD_BETA = 500.0  # the SD toy's --beta_dpo (epsilon errors)
 
