@@ -78,16 +78,18 @@ def test_prior_noise_on_the_flow_base_costs_what_flow_dpo_costs(flow_run):
     assert (work / "samples_grid_on_policy_t.png").exists() and (work / "preference_vs_unet_work_on_policy_t.png").exists()
 
 
-def test_inversion_choice_is_the_cheapest_sound_candidate():
-    def source(k, r, err, std=1.0):
+def test_inversion_choice_is_the_cheapest_candidate_that_agrees_with_the_most_exact():
+    def source(k, r, err, std=(0.8, 0.9)):
         return {"num_inversion_steps": k, "num_renoise_steps": r, "forwards": k * (r + 1), "err_train": err,
-                "buckets": {"0-0.05": {"std": std}, "0.7-1": {"std": 1.0}}}
+                "buckets": {"0-0.05": {"std": std[0]}, "0.7-1": {"std": std[1]}}}
 
-    probe = {"sources": {"forward": {"num_inversion_steps": None, "err_train": 2.0}, "a": source(5, 0, 0.05),
-                         "b": source(5, 1, 0.011), "c": source(10, 1, 0.010)}}
-    assert choose_inversion(probe) == (5, 1)  # a's excess (0.04) is 2% of forward noise's error: too much
-    probe["sources"]["b"] = source(5, 1, 0.011, std=2.0)  # an inflated target at small sigma: not sound
+    probe = {"sources": {"forward": {"num_inversion_steps": None, "err_train": 2.0},
+                         "a": source(5, 0, 0.011, std=(0.7, 0.9)), "b": source(5, 1, 0.011), "c": source(10, 1, 0.010)}}
+    assert choose_inversion(probe) == (5, 1)  # a's noise is 0.1 less in a bucket: under-scaled
+    probe["sources"]["b"] = source(5, 1, 0.040)  # 1.5% of forward noise's error above c's
     assert choose_inversion(probe) == (10, 1)
+    probe["sources"] = {"forward": probe["sources"]["forward"], "c": source(10, 1, 0.010, std=(2.0, 0.9))}
+    assert choose_inversion(probe) == (10, 1)  # nothing agrees (even itself, inflated): the most exact
 
 
 def test_beta_variants_and_family_flags():
