@@ -95,7 +95,8 @@ def flow_probe(args):
     weights = [float(((drawn > lo) & (drawn <= hi)).float().mean()) for lo, hi in SIGMA_BUCKETS]
     names = [f"{lo:g}-{hi:g}" for lo, hi in SIGMA_BUCKETS]
     results = {"model": args.pretrained_model_name_or_path, "process": "rectified_flow", "num_latents": n,
-               "samples": len(s), "buckets": names, "training_density_weights": dict(zip(names, weights)), "sources": {}}
+               "samples": len(s), "buckets": names, "training_density_weights": dict(zip(names, weights)),
+               "sources": {}}
     sources = {"forward": None, **{f"renoise K={k} R={r}": (k, r) for k in args.num_inversion_steps
                                    for r in args.num_renoise_steps}}
     for name, spec in sources.items():

@@ -160,7 +160,8 @@ def main(args):
                                       "corr_x0": corr[m].mean().item(), "forwards": forwards[m].mean().item()}
         results["sources"][name] = {"buckets": rows, "forwards_mean": forwards.mean().item(),
                                     "err_mean": errors.mean().item()}
-        print(f"{name:<26}" + "  ".join(f"{b}: {r['err']:.3f}/{r['std']:.2f}/{r['corr_x0']:+.2f}" for b, r in rows.items()),
+        print(f"{name:<26}" + "  ".join(f"{b}: {r['err']:.3f}/{r['std']:.2f}/{r['corr_x0']:+.2f}"
+                                        for b, r in rows.items()),
               flush=True)
     write_outputs(args.output_dir, "probe", results, markdown(results))
     return results

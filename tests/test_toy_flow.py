@@ -59,7 +59,8 @@ def test_flow_run_train_with_the_sd3_script_and_the_probed_inversion(flow_run):
         context = json.loads(lines[0])["context"]
         assert context["process"] == "rectified_flow" and context["beta_dpo"] == 56.0
         assert len(lines) == 3
-    context = json.loads((work / "runs-on-policy" / "smpo" / "seed-0" / "metrics.jsonl").read_text().splitlines()[0])["context"]
+    metrics = work / "runs-on-policy" / "smpo" / "seed-0" / "metrics.jsonl"
+    context = json.loads(metrics.read_text().splitlines()[0])["context"]
     assert (context["num_inversion_steps"], context["num_renoise_steps"]) == (settings["num_inversion_steps"],
                                                                               settings["num_renoise_steps"])
     dpo, smpo = results["methods"]["dpo"]["unet_work_per_step"], results["methods"]["smpo"]["unet_work_per_step"]
@@ -75,7 +76,8 @@ def test_prior_noise_on_the_flow_base_costs_what_flow_dpo_costs(flow_run):
     (generated,) = work.glob("on-policy-*/generated/generation_settings.json")
     settings = json.loads(generated.read_text())
     assert settings["max_sequence_length"] == 16 and "Euler" in settings["sampler"]  # sampled as the base trained
-    assert (work / "samples_grid_on_policy_t.png").exists() and (work / "preference_vs_unet_work_on_policy_t.png").exists()
+    assert (work / "samples_grid_on_policy_t.png").exists()
+    assert (work / "preference_vs_unet_work_on_policy_t.png").exists()
 
 
 def test_inversion_choice_is_the_cheapest_candidate_that_agrees_with_the_most_exact():

@@ -1,7 +1,7 @@
 """The tiny base text-to-image model, trained on the whole world (all hues, so it is neutral): an AutoencoderKL
 (shared), then the family's denoiser with char-level CLIP text encoders (examples/make_tiny_assets.py). SD: a
 UNet2DConditionModel, saved as a StableDiffusionPipeline; flow: an SD3Transformer2DModel on a rectified flow, saved
-as a StableDiffusion3Pipeline without T5. Family versions (family.py) key the cache: change one when its code changes."""
+as a StableDiffusion3Pipeline without T5. Family versions (family.py) key the cache: change one with its code."""
 
 import hashlib
 import json
@@ -156,15 +156,16 @@ def train_transformer(cfg, vae, latents, gen, tqdm):
     scaling = float(1.0 / (latents - shift).std())
     vae.register_to_config(shift_factor=shift, scaling_factor=scaling)
     latents = (latents - shift) * scaling
-    encoders = [CLIPTextModelWithProjection(text_config(len(make_tokenizer()), intermediate_size=TEXT_INTERMEDIATE_SIZE))
-                .eval() for _ in range(2)]
+    config = text_config(len(make_tokenizer()), intermediate_size=TEXT_INTERMEDIATE_SIZE)
+    encoders = [CLIPTextModelWithProjection(config).eval() for _ in range(2)]
     heads, head_dim = cfg["flow_heads"], cfg["flow_head_dim"]
     transformer = SD3Transformer2DModel(sample_size=RESOLUTION // 2, patch_size=2, in_channels=4, out_channels=4,
                                         num_layers=cfg["flow_layers"], attention_head_dim=head_dim,
                                         num_attention_heads=heads, caption_projection_dim=heads * head_dim,
                                         joint_attention_dim=64, pooled_projection_dim=64)  # the two CLIPs joined
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT),
-                                    vae=vae, text_encoder=encoders[0], tokenizer=make_tokenizer(),
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+                                    text_encoder=encoders[0], tokenizer=make_tokenizer(),
                                     text_encoder_2=encoders[1], tokenizer_2=make_tokenizer(),
                                     text_encoder_3=None, tokenizer_3=None)
     with torch.no_grad():

@@ -135,7 +135,8 @@ def build_on_policy_dataset(args, cfg, base_dir, reward, out_dir, tqdm, extra=()
          "--prompts_file", prompts, "--num_images_per_prompt", "2", "--pairing", "all",
          "--num_inference_steps", str(cfg["eval_inference_steps"]), "--guidance_scale", "1.0",
          "--resolution", str(RESOLUTION), "--seed", str(1_000_000 + args.seed), "--batch_size", "32",
-         "--shard_size", "64", "--reward_model_name_or_path", reward, "--device", "cpu", "--output_dir", generated, *extra],
+         "--shard_size", "64", "--reward_model_name_or_path", reward, "--device", "cpu", "--output_dir", generated,
+         *extra],
         args, os.path.join(out_dir, "generate_pairs.log"), threads=args.base_threads)
     ds = load_from_disk(generated)
     decode = lambda column: np.stack([np.asarray(open_image(v), np.float32) / 255.0 for v in ds[column]])  # noqa: E731

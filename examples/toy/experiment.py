@@ -91,8 +91,8 @@ def parse_args(argv=None, description=None):
     mode.add_argument("--quick", action="store_true", help="The README's first command: a few minutes.")
     mode.add_argument("--minimal", action="store_true", help="Tiny sizes, a few steps: checks every stage (CI).")
     p.add_argument("--family", default="sd", choices=list(FAMILIES),
-                   help="sd: a UNet base (epsilon), trained with train_smpo_diffusion.py; flow: an SD3-style transformer "
-                        "base (rectified flow, no T5), trained with train_smpo_diffusion_sd3.py (docs/flow.md).")
+                   help="sd: a UNet base (epsilon), trained with train_smpo_diffusion.py; flow: an SD3-style "
+                        "transformer base (rectified flow, no T5), trained with train_smpo_diffusion_sd3.py (docs/flow.md).")
     p.add_argument("--work_dir", default="toy-alignment")
     p.add_argument("--steps", type=int, default=None, help="Training steps of each method (default: per mode).")
     p.add_argument("--checkpoint_every", type=int, default=None, help="Evaluate every N steps (default: per mode).")
@@ -104,7 +104,8 @@ def parse_args(argv=None, description=None):
     p.add_argument("--rank", type=int, default=16, help="LoRA rank.")
     p.add_argument("--num_inversion_steps", type=int, default=None,
                    help="K for full SmPO. sd: 10, the training scripts' default (the paper's ablation choice; "
-                        "docs/inversion.md compares K = 5 and 10). flow: chosen by the flow inversion probe unless given.")
+                        "docs/inversion.md compares K = 5 and 10). flow: chosen by the flow inversion probe unless "
+                        "given.")
     p.add_argument("--num_renoise_steps", type=int, default=None,
                    help="R for full SmPO on the flow base (default: chosen by the probe with K); sd runs take the "
                         "script's default (1).")
