@@ -94,7 +94,8 @@ def generate_images(pipe, prompts, args, which):
     for start in tqdm(range(0, len(jobs), args.batch_size), desc=f"generating ({which})", unit="batch"):
         batch = jobs[start:start + args.batch_size]
         sampled = sample_images(pipe, [prompts[i] for i, _ in batch], [image_seed(args.seed, i, k, n) for i, k in batch],
-                                args.num_inference_steps, args.guidance_scale, args.resolution)
+                                args.num_inference_steps, args.guidance_scale, args.resolution,
+                                max_sequence_length=args.max_sequence_length)
         for (i, k), (image, _) in zip(batch, sampled):  # every image is scored, as the model made it
             image.save(image_path(args.output_dir, which, i, k))
     return [[image_path(args.output_dir, which, i, k) for k in range(n)] for i in range(len(prompts))]

@@ -71,7 +71,7 @@ GENERATION_KEYS = ("pretrained_model_name_or_path", "revision", "variant", "unet
                    "pretrained_vae_model_name_or_path", "lora_weights", "num_images_per_prompt",
                    "num_inference_steps", "guidance_scale", "resolution", "seed", "mixed_precision",
                    "disable_safety_checker", "reward_model_name_or_path", "reward_processor_name_or_path",
-                   "shard_size")
+                   "shard_size", "max_sequence_length")
 DATASET_FILES = ("state.json", "dataset_info.json")  # plus data-*.arrow: what save_to_disk writes
 NO_TWO_IMAGES = "prompts with fewer than 2 usable images"
 
@@ -188,7 +188,8 @@ def generate_shard(shard, prompts, pipe, reward, args, device, progress, counter
         batch = jobs[start:start + args.batch_size]
         seeds = [image_seed(args.seed, i, k, n) for i, k in batch]
         samples = sample_images(pipe, [prompts[i] for i, _ in batch], seeds, args.num_inference_steps,
-                                args.guidance_scale, args.resolution, noise_shape=noise_shape)
+                                args.guidance_scale, args.resolution, noise_shape=noise_shape,
+                                max_sequence_length=args.max_sequence_length)
         usable = [j for j, (_, problem) in enumerate(samples) if problem is None]
         scores = {}
         if usable:

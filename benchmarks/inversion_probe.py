@@ -34,6 +34,10 @@ t bucket, the distance from the trajectory latent z_t is measured for
 Distances are RMS over the latent's elements, divided by sqrt(1 - abar_t): in noise units, the RMS difference
 between the noise the source implies and the trajectory's (forward noise: ~sqrt(2) where x0 is right).
 Writes trajectory.json and trajectory.md to --output_dir.
+
+A flow pipeline (SD3-style; the toy's --family flow base) is probed per sigma bucket instead, with the flow
+inversion at each K of --num_inversion_steps and each R of --num_renoise_steps (flow_probe.py says what it
+measures); --trajectory is for SD pipelines.
 """
 
 import argparse
@@ -52,7 +56,8 @@ BUCKETS = [(0, 50), (50, 200), (200, 400), (400, 700), (700, 1000)]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained_model_name_or_path", required=True, help="an SD pipeline folder (the base model)")
+    p.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="an SD pipeline folder (the base model), or an SD3-style flow pipeline")
     p.add_argument("--dataset_name", default=None, help="a preference dataset (its jpg_0 images are probed)")
     p.add_argument("--trajectory", action="store_true",
                    help="probe against the model's own sampling trajectory (no dataset: the images are sampled)")
@@ -63,6 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--timesteps_per_bucket", type=int, default=2, help="timesteps drawn per latent and bucket")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--num_inversion_steps", type=int, nargs="+", default=[5, 10])
+    p.add_argument("--num_renoise_steps", type=int, nargs="+", default=[0, 1, 2],
+                   help="flow pipelines: R, the ReNoise refinements per Euler step, each probed with each K")
+    p.add_argument("--max_sequence_length", type=int, default=256,
+                   help="flow pipelines: T5 tokens of the conditioning (zeros without T5; the pipeline's default 256)")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", required=True)
@@ -151,7 +160,8 @@ def main(args):
                                       "corr_x0": corr[m].mean().item(), "forwards": forwards[m].mean().item()}
         results["sources"][name] = {"buckets": rows, "forwards_mean": forwards.mean().item(),
                                     "err_mean": errors.mean().item()}
-        print(f"{name:<26}" + "  ".join(f"{b}: {r['err']:.3f}/{r['std']:.2f}/{r['corr_x0']:+.2f}" for b, r in rows.items()),
+        print(f"{name:<26}" + "  ".join(f"{b}: {r['err']:.3f}/{r['std']:.2f}/{r['corr_x0']:+.2f}"
+                                        for b, r in rows.items()),
               flush=True)
     write_outputs(args.output_dir, "probe", results, markdown(results))
     return results
@@ -179,6 +189,8 @@ def markdown(results):
 
 
 if __name__ == "__main__":
+    from smpo.conditioning import pipeline_family
+
     args = parse_args()
     if args.trajectory:
         from trajectory_probe import trajectory_probe
@@ -186,5 +198,9 @@ if __name__ == "__main__":
         trajectory_probe(args)
     elif args.dataset_name is None:
         raise SystemExit("give --dataset_name (the images to probe), or --trajectory")
+    elif (pipeline_family(args.pretrained_model_name_or_path) or (None, False))[1]:  # a rectified flow
+        from flow_probe import flow_probe
+
+        flow_probe(args)
     else:
         main(args)

@@ -4,6 +4,7 @@
     python examples/toy_alignment.py --quick          # the README's first command (its time: the README)
     python examples/toy_alignment.py                  # the full experiment (about half an hour on 2 cores)
     python examples/toy_alignment.py --minimal        # a smoke test of every stage (CI, ~1 min)
+    python examples/toy_alignment.py --family flow    # the same on a flow-matching base (docs/flow.md)
 
 Offline, everything in fp32 on the CPU, written to --work_dir (default ./toy-alignment):
 
@@ -30,6 +31,12 @@ Offline, everything in fp32 on the CPU, written to --work_dir (default ./toy-ali
 
 Outputs in WORK: results.json (with the stage timings, thread counts and the machine's core count),
 results.md, preference_vs_step.png, samples_grid.png, and a table in the terminal.
+
+--family flow swaps the base for an SD3-style transformer on a rectified flow (a StableDiffusion3Pipeline without
+T5, trained from scratch on the same world with the flow-matching loss) and trains it with
+train_smpo_diffusion_sd3.py; SmPO's inversion steps K and refinements R are then chosen by a probe of the flow
+inversion on the base (benchmarks/inversion_probe.py), unless given. The data, reward model, evaluation and outputs
+are the same code.
 
 The code is the package examples/toy/ (one module per concern; see its __init__.py).
 """

@@ -51,6 +51,9 @@ def add_sampling_flags(parser, dataset_split_name, num_images_per_prompt, output
     a("--num_inference_steps", type=int, default=50)
     a("--guidance_scale", type=float, default=7.5)
     a("--resolution", type=int, default=None, help="Height and width; default: the pipeline's own.")
+    a("--max_sequence_length", type=int, default=None,
+      help="SD3 / FLUX: T5 tokens per prompt (default: the pipeline's own, 256 for SD3, 512 for FLUX). Give the "
+           "training's --max_sequence_length to sample with the conditioning the model was trained on.")
     a("--seed", type=int, default=0, help="Image k of prompt i uses seed + i * num_images_per_prompt + k.")
     a("--batch_size", type=int, default=4, help="Images per pipeline call and per reward model call.")
     a("--grid_prompts", type=int, default=8, help="Prompts (columns) in grid.png.")
@@ -250,7 +253,8 @@ def image_problem(pixels, flagged=False):
 
 
 @torch.no_grad()
-def sample_images(pipe, prompts, seeds, num_inference_steps, guidance_scale, resolution=None, noise_shape=None):
+def sample_images(pipe, prompts, seeds, num_inference_steps, guidance_scale, resolution=None, noise_shape=None,
+                  max_sequence_length=None):
     """One image per (prompt, seed), each from its own CPU generator so batching does not change its noise.
 
     With ``noise_shape`` the initial latents are :func:`initial_noise` (seed, noise_shape), passed as
@@ -261,6 +265,10 @@ def sample_images(pipe, prompts, seeds, num_inference_steps, guidance_scale, res
     from diffusers.image_processor import VaeImageProcessor
 
     size = {"height": resolution, "width": resolution} if resolution else {}
+    if max_sequence_length is not None:
+        if getattr(pipe, "transformer", None) is None:
+            raise SystemExit("--max_sequence_length sets the T5 tokens of an SD3 or FLUX pipeline; this one has none")
+        size["max_sequence_length"] = max_sequence_length
     if noise_shape is None:
         noise = {"generator": [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]}
     else:

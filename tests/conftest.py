@@ -93,6 +93,7 @@ def scored_dataset(tiny_assets, tmp_path_factory):
 # hands out whole modules (--dist=loadfile, pyproject.toml) in collection order, so starting the long ones first
 # keeps both workers busy to the end. Tests within a module keep their order.
 SLOW_MODULES = ["test_reliability", "test_train_sd", "test_train_sd3", "test_train_flux", "test_toy_alignment",
+                "test_toy_flow",
                 "test_readme", "test_performance", "test_prior_noise", "test_flow_tools", "test_generate_pairs",
                 "test_evaluate", "test_run_checks", "test_train_sdxl", "test_objectives"]
 

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 
 from .base import TEXT_INTERMEDIATE_SIZE, cosine_lr
+from .family import FAMILIES
 from .runs import ROOT, cached_stage, run
 from .world import CAPTION, RESOLUTION, draw_disks, encoded, hue_warmth, to_uint8, true_preference
 
@@ -45,7 +46,8 @@ def preference_data(args, cfg, work, base_dir, base_key, tqdm):
         if not os.path.exists(os.path.join(on_policy_dir, "DONE")):
             print("sampling the base model's own pairs with generate_pairs.py")
         on_policy, _ = cached_stage(on_policy_dir,
-                                    lambda: build_on_policy_dataset(args, cfg, base_dir, reward, on_policy_dir, tqdm))
+                                    lambda: build_on_policy_dataset(args, cfg, base_dir, reward, on_policy_dir, tqdm,
+                                                                    FAMILIES[args.family].sample_flags))
         record, scored = {"source": "on_policy", **on_policy}, os.path.join(on_policy_dir, "pairs-scored")
     return scored, record, reward
 
@@ -116,7 +118,7 @@ def train_reward_model(args, cfg, out_dir, tqdm):
     processor.save_pretrained(out_dir)
 
 
-def build_on_policy_dataset(args, cfg, base_dir, reward, out_dir, tqdm):
+def build_on_policy_dataset(args, cfg, base_dir, reward, out_dir, tqdm, extra=()):
     """The second data source: pairs of the base model's own samples. generate_pairs.py samples two images per
     prompt (the caption, num_pairs times) and scores them with the experiment's reward model; the same
     simulated raters as build_dataset() then label each pair from the images' true preference (from pixels)."""
@@ -133,7 +135,8 @@ def build_on_policy_dataset(args, cfg, base_dir, reward, out_dir, tqdm):
          "--prompts_file", prompts, "--num_images_per_prompt", "2", "--pairing", "all",
          "--num_inference_steps", str(cfg["eval_inference_steps"]), "--guidance_scale", "1.0",
          "--resolution", str(RESOLUTION), "--seed", str(1_000_000 + args.seed), "--batch_size", "32",
-         "--shard_size", "64", "--reward_model_name_or_path", reward, "--device", "cpu", "--output_dir", generated],
+         "--shard_size", "64", "--reward_model_name_or_path", reward, "--device", "cpu", "--output_dir", generated,
+         *extra],
         args, os.path.join(out_dir, "generate_pairs.log"), threads=args.base_threads)
     ds = load_from_disk(generated)
     decode = lambda column: np.stack([np.asarray(open_image(v), np.float32) / 255.0 for v in ds[column]])  # noqa: E731

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 
 from .experiment import ROOT
+from .family import pipeline_kwargs
 from .stats import summarize
 from .world import CAPTION, RESOLUTION
 
@@ -68,9 +69,9 @@ def run(cmd, args, log_path, threads=None):
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- {log_path} ---\n{tail}")
 
 
-def accelerate_cmd():
+def accelerate_cmd(script="train_smpo_diffusion.py"):
     return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "train_smpo_diffusion.py")]
+            "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, script)]
 
 
 # ---------------------------------------------------------------------- runs and checkpoints
@@ -145,10 +146,15 @@ def parallel(fn, items, jobs, tqdm, desc, unit="run", init=None):
 
 # ---------------------------------------------------------------------------- evaluation
 def load_pipeline(path):
+    """The base model's pipeline, of the class its model_index.json names (StableDiffusionPipeline, or
+    StableDiffusion3Pipeline without T5 for the flow base), in fp32."""
+    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch.float32)
+    from smpo.sampling import saved_without
+
+    pipeline_class = getattr(diffusers, diffusers.DiffusionPipeline.load_config(path)["_class_name"])
+    pipe = pipeline_class.from_pretrained(path, dtype=torch.float32, **saved_without(path))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -164,7 +170,8 @@ def sample(pipe, cfg, seed, batch=32):
             ks = range(start, min(n, start + batch))
             gens = [torch.Generator().manual_seed(seed + k) for k in ks]
             out.append(pipe([CAPTION] * len(gens), height=RESOLUTION, width=RESOLUTION, guidance_scale=1.0,
-                            num_inference_steps=cfg["eval_inference_steps"], generator=gens, output_type="np").images)
+                            num_inference_steps=cfg["eval_inference_steps"], generator=gens, output_type="np",
+                            **pipeline_kwargs(pipe)).images)
     return np.concatenate(out).astype(np.float32)
 
 _EVAL = {}
