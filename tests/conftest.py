@@ -64,6 +64,26 @@ def accelerate_launch(script, *args, **kwargs):
     return run_script(cmd, **kwargs)
 
 
+def train_in_process(script, *args, env=None):
+    """The training script's main(parse_args(args)) in this process, on the CPU as accelerate_launch runs it: no
+    interpreter start and no imports (most of a tiny run's cost). For runs whose `accelerate launch` path other runs
+    of the same script cover; accelerate's process state is reset after, so the next run starts afresh."""
+    import importlib
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    module = importlib.import_module(os.path.splitext(script)[0])
+    saved = dict(os.environ)
+    os.environ.update({"ACCELERATE_USE_CPU": "true", **(env or {})})
+    try:
+        module.main(module.parse_args([str(a) for a in args]))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def lora_up(weights):
     """The LoRA up (B) matrices, zero at initialisation, in diffusers' saved format (a safetensors dict)."""
     return [v for k, v in weights.items() if ".lora.up." in k or "lora_B" in k]
