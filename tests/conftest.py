@@ -67,14 +67,17 @@ def accelerate_launch(script, *args, **kwargs):
 def train_in_process(script, *args, env=None):
     """The training script's main(parse_args(args)) in this process, on the CPU as accelerate_launch runs it: no
     interpreter start and no imports (most of a tiny run's cost). For runs whose `accelerate launch` path other runs
-    of the same script cover; accelerate's process state is reset after, so the next run starts afresh."""
+    of the same script cover. One torch thread, as run_script gives a launched run (so the two give the same
+    numbers); accelerate's process state is reset after, so the next run starts afresh."""
     import importlib
 
+    import torch
     from accelerate.state import AcceleratorState, GradientState
 
     module = importlib.import_module(os.path.splitext(script)[0])
-    saved = dict(os.environ)
+    saved, threads = dict(os.environ), torch.get_num_threads()
     os.environ.update({"ACCELERATE_USE_CPU": "true", **(env or {})})
+    torch.set_num_threads(1)
     try:
         module.main(module.parse_args([str(a) for a in args]))
     finally:
@@ -82,6 +85,7 @@ def train_in_process(script, *args, env=None):
         GradientState._reset_state()
         os.environ.clear()
         os.environ.update(saved)
+        torch.set_num_threads(threads)
 
 
 def lora_up(weights):
