@@ -64,10 +64,10 @@ def accelerate_launch(script, *args, **kwargs):
     return run_script(cmd, **kwargs)
 
 
-def train_in_process(script, *args, env=None):
-    """The training script's main(parse_args(args)) in this process, on the CPU as accelerate_launch runs it: no
-    interpreter start and no imports (most of a tiny run's cost). For runs whose `accelerate launch` path other runs
-    of the same script cover. One torch thread, as run_script gives a launched run (so the two give the same
+def main_in_process(script, *args, env=None):
+    """A script's main(parse_args(args)) in this process, on the CPU as accelerate_launch runs it: no interpreter
+    start and no imports (most of a tiny run's cost). For runs whose launch path other runs of the same script
+    cover. One torch thread, as run_script gives a launched run (so the two give the same
     numbers); accelerate's process state is reset after, so the next run starts afresh."""
     import importlib
 

@@ -12,7 +12,7 @@ import time
 import datasets
 import pytest
 import torch
-from conftest import ROOT, accelerate_launch, run_script, train_in_process
+from conftest import ROOT, accelerate_launch, run_script, main_in_process
 from safetensors.torch import load_file
 
 from smpo.data import PairDataset, PairTransform, PreferenceCollator, load_preference_dataset, open_image, select_pairs
@@ -34,7 +34,7 @@ def train(assets, dataset, output_dir, *extra, steps=2, check=True, env=None, la
     argv = train_args(assets, dataset, output_dir, *extra, steps=steps)
     if launch:
         return accelerate_launch("train_smpo_diffusion.py", *argv, check=check, env=env)
-    return train_in_process("train_smpo_diffusion.py", *argv, env=env)
+    return main_in_process("train_smpo_diffusion.py", *argv, env=env)
 
 
 def summary(output_dir):

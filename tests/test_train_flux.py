@@ -9,7 +9,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import accelerate_launch, lora_up, train_in_process
+from conftest import accelerate_launch, lora_up, main_in_process
 from safetensors.torch import load_file
 
 SCRIPT = "train_smpo_diffusion_flux.py"
@@ -17,7 +17,7 @@ SCRIPT = "train_smpo_diffusion_flux.py"
 
 def train(assets, dataset, output_dir, *extra, steps=2, launch=False):
     """A run in this process; with ``launch``, through `accelerate launch` (smpo_run's runs: the launch path)."""
-    return (accelerate_launch if launch else train_in_process)(
+    return (accelerate_launch if launch else main_in_process)(
         SCRIPT, "--pretrained_model_name_or_path", assets / "tiny-flux", "--dataset_name", dataset,
         "--output_dir", output_dir, "--resolution", 32, "--train_batch_size", 2, "--max_train_steps", steps,
         "--learning_rate", 1e-3, "--seed", 0, "--max_sequence_length", 16, "--checkpointing_steps", 1000, *extra)

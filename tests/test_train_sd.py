@@ -7,7 +7,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import accelerate_launch, index_only_model, lora_up, train_in_process
+from conftest import accelerate_launch, index_only_model, lora_up, main_in_process
 from safetensors.torch import load_file
 
 SCRIPT = "train_smpo_diffusion.py"
@@ -15,7 +15,7 @@ SCRIPT = "train_smpo_diffusion.py"
 
 def train(assets, dataset, output_dir, *extra, model="tiny-sd", steps=2, launch=False):
     """A run in this process; with ``launch``, through `accelerate launch` (the first test's run: the launch path)."""
-    return (accelerate_launch if launch else train_in_process)(
+    return (accelerate_launch if launch else main_in_process)(
         SCRIPT, "--pretrained_model_name_or_path", assets / model, "--dataset_name", dataset,
         "--output_dir", output_dir, "--resolution", 32, "--train_batch_size", 2, "--max_train_steps", steps,
         "--learning_rate", 1e-3, "--seed", 0, "--checkpointing_steps", 1000, *extra)

@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import accelerate_launch, lora_up, train_in_process
+from conftest import accelerate_launch, lora_up, main_in_process
 from safetensors.torch import load_file
 
 SCRIPT = "train_smpo_diffusion_sd3.py"
@@ -24,7 +24,7 @@ def train(assets, dataset, output_dir, *extra, model="tiny-sd3", steps=2, env=No
             "--seed", 0, "--checkpointing_steps", 1000, "--num_inversion_steps", 2, *extra)
     if launch:
         return accelerate_launch(SCRIPT, *argv, env=env)
-    return train_in_process(SCRIPT, *argv, env=env)
+    return main_in_process(SCRIPT, *argv, env=env)
 
 
 def pipeline(assets, model):
