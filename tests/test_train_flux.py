@@ -1,6 +1,7 @@
-"""End to end: train_smpo_diffusion_flux.py through `accelerate launch` on the tiny FLUX pipeline (CPU).
+"""End to end: train_smpo_diffusion_flux.py on the tiny FLUX pipeline (CPU).
 
-The runs are shared by the tests of this module (module-scoped fixtures), each a few steps."""
+The runs are shared by the tests of this module (module-scoped fixtures), each a few steps: smpo_run's two
+through `accelerate launch`, the others in this process (main_in_process)."""
 
 import json
 import shutil

@@ -1,6 +1,8 @@
-"""End to end: train_smpo_diffusion_sd3.py through `accelerate launch` on tiny SD3 pipelines (with and without T5).
+"""End to end: train_smpo_diffusion_sd3.py on tiny SD3 pipelines (with and without T5).
 
-The runs are module-scoped and shared across assertions: each trains a few steps on the CPU.
+The runs are module-scoped and shared across assertions: each trains a few steps on the CPU, the 8-bit AdamW run
+and its resume through `accelerate launch`, the others in this process (main_in_process: the same main, without
+a new interpreter's imports, which are most of a tiny run's cost).
 """
 
 import json
