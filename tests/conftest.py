@@ -64,6 +64,30 @@ def accelerate_launch(script, *args, **kwargs):
     return run_script(cmd, **kwargs)
 
 
+def main_in_process(script, *args, env=None):
+    """A script's main(parse_args(args)) in this process, on the CPU as accelerate_launch runs it: no interpreter
+    start and no imports (most of a tiny run's cost). For runs whose launch path other runs of the same script
+    cover. One torch thread, as run_script gives a launched run (so the two give the same
+    numbers); accelerate's process state is reset after, so the next run starts afresh."""
+    import importlib
+
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
+
+    module = importlib.import_module(os.path.splitext(script)[0])
+    saved, threads = dict(os.environ), torch.get_num_threads()
+    os.environ.update({"ACCELERATE_USE_CPU": "true", **(env or {})})
+    torch.set_num_threads(1)
+    try:
+        module.main(module.parse_args([str(a) for a in args]))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        os.environ.clear()
+        os.environ.update(saved)
+        torch.set_num_threads(threads)
+
+
 def lora_up(weights):
     """The LoRA up (B) matrices, zero at initialisation, in diffusers' saved format (a safetensors dict)."""
     return [v for k, v in weights.items() if ".lora.up." in k or "lora_B" in k]
@@ -89,13 +113,13 @@ def scored_dataset(tiny_assets, tmp_path_factory):
     return out
 
 
-# The modules whose end-to-end runs take longest, longest first (seconds summed on a 2-core CPU). pytest-xdist
-# hands out whole modules (--dist=loadfile, pyproject.toml) in collection order, so starting the long ones first
-# keeps both workers busy to the end. Tests within a module keep their order.
-SLOW_MODULES = ["test_reliability", "test_train_sd", "test_train_sd3", "test_train_flux", "test_toy_alignment",
-                "test_toy_flow",
-                "test_readme", "test_performance", "test_prior_noise", "test_flow_tools", "test_generate_pairs",
-                "test_evaluate", "test_run_checks", "test_train_sdxl", "test_objectives"]
+# The modules whose end-to-end runs take longest, longest first (CPU seconds of `-n 0` runs of each module, on a
+# loaded 2-core machine, 2026-11-30). pytest-xdist hands out whole modules (--dist=loadfile, pyproject.toml) in
+# collection order, so starting the long ones first keeps both workers busy to the end. Tests within a module keep
+# their order.
+SLOW_MODULES = ["test_toy_alignment", "test_readme", "test_reliability", "test_performance", "test_toy_flow", "test_flow_tools",
+                "test_run_checks", "test_generate_pairs", "test_train_sd", "test_objectives", "test_train_sd3",
+                "test_train_flux", "test_evaluate", "test_train_sdxl", "test_prior_noise"]
 
 
 def pytest_collection_modifyitems(items):

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, accelerate_launch, run_script
+from conftest import ROOT, main_in_process, run_script
 from PIL import Image
 
 import evaluate
@@ -24,9 +24,12 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 CAPTION_HEIGHT = GRID_CAPTION_HEIGHT
 
 
-def run_evaluate(*args):
-    return run_script([sys.executable, os.path.join(ROOT, "evaluate.py"), *map(str, (
-        "--resolution", RES, "--num_inference_steps", 2, "--device", "cpu", *args))], env=ONE_THREAD)
+def run_evaluate(*args, in_process=False):
+    """evaluate.py as a user runs it; ``in_process``: its main in this process (one thread too)."""
+    args = ("--resolution", RES, "--num_inference_steps", 2, "--device", "cpu", *args)
+    if in_process:
+        return main_in_process("evaluate.py", *args)
+    return run_script([sys.executable, os.path.join(ROOT, "evaluate.py"), *map(str, args)], env=ONE_THREAD)
 
 
 def read_csv(folder):
@@ -36,12 +39,13 @@ def read_csv(folder):
 
 @pytest.fixture(scope="module")
 def lora_dir(tiny_assets, scored_dataset, tmp_path_factory):
-    """A LoRA from a short SmPO run, with a learning rate high enough to change the images."""
+    """A LoRA from a short SmPO run, with a learning rate high enough to change the images (trained in this
+    process: test_train_sd.py launches the script)."""
     out = tmp_path_factory.mktemp("eval-lora") / "lora"
-    accelerate_launch("train_smpo_diffusion.py", "--pretrained_model_name_or_path", tiny_assets / "tiny-sd",
-                      "--dataset_name", scored_dataset, "--output_dir", out, "--resolution", RES,
-                      "--train_batch_size", 2, "--max_train_steps", 2, "--learning_rate", 1e-2, "--seed", 0,
-                      "--checkpointing_steps", 1000, env=ONE_THREAD)
+    main_in_process("train_smpo_diffusion.py", "--pretrained_model_name_or_path", tiny_assets / "tiny-sd",
+                    "--dataset_name", scored_dataset, "--output_dir", out, "--resolution", RES,
+                    "--train_batch_size", 2, "--max_train_steps", 2, "--learning_rate", 1e-2, "--seed", 0,
+                    "--checkpointing_steps", 1000)
     return out
 
 
@@ -113,7 +117,8 @@ def test_tuned_equal_to_base_gives_win_rate_one_half_and_non_ascii_prompts_work(
     out = tmp_path / "same"
     run_evaluate("--pretrained_model_name_or_path", tiny_assets / "tiny-sd",
                  "--tuned_model_name_or_path", tiny_assets / "tiny-sd", "--prompts_file", prompts,
-                 "--reward_model_name_or_path", tiny_assets / "tiny-reward", "--batch_size", 2, "--output_dir", out)
+                 "--reward_model_name_or_path", tiny_assets / "tiny-reward", "--batch_size", 2, "--output_dir", out,
+                 in_process=True)
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     [r] = results["reward_models"].values()
     assert r["win_rate"] == 0.5 and r["ties"] == 3 and r["mean_base"] == r["mean_tuned"]

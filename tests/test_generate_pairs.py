@@ -10,7 +10,7 @@ import sys
 import datasets
 import numpy as np
 import pytest
-from conftest import ROOT, accelerate_launch, run_script
+from conftest import ROOT, main_in_process, run_script
 from PIL import Image
 
 import generate_pairs
@@ -211,12 +211,12 @@ def test_best_worst_and_random_pairing_with_a_minimum_gap(straight, tiny_assets,
 
 def test_training_reads_the_jsonl_output_unchanged(jsonl_pairs, tiny_assets, tmp_path):
     """Diffusion-DPO on the metadata.jsonl output. (SmPO on the save_to_disk output: the README's
-    generate -> train -> evaluate commands, run by tests/test_readme.py.)"""
+    generate -> train -> evaluate commands, run by tests/test_readme.py.) In this process: test_train_sd.py
+    launches the script."""
     out = tmp_path / "dpo-lora"
-    accelerate_launch("train_smpo_diffusion.py", "--pretrained_model_name_or_path", tiny_assets / "tiny-sd",
-                      "--dataset_name", jsonl_pairs, "--loss_type", "dpo", "--output_dir", out, "--resolution", RES,
-                      "--train_batch_size", 2, "--max_train_steps", 2, "--checkpointing_steps", 1000, "--seed", 0,
-                      env=ONE_THREAD)
+    main_in_process("train_smpo_diffusion.py", "--pretrained_model_name_or_path", tiny_assets / "tiny-sd",
+                    "--dataset_name", jsonl_pairs, "--loss_type", "dpo", "--output_dir", out, "--resolution", RES,
+                    "--train_batch_size", 2, "--max_train_steps", 2, "--checkpointing_steps", 1000, "--seed", 0)
     assert (out / "pytorch_lora_weights.safetensors").exists()
     steps = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in m]
     assert [m["step"] for m in steps] == [1, 2] and all(np.isfinite(m["loss"]) for m in steps)

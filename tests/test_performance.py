@@ -1,6 +1,7 @@
 """Issue 5's knobs: latent / text-embedding caches, the inversion model, and the step-cost benchmark."""
 
 import json
+import logging
 import os
 import re
 import sys
@@ -8,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, accelerate_launch, run_script
+from conftest import ROOT, main_in_process, run_script
 from safetensors.torch import load_file
 
 
 def train(assets, dataset, output_dir, *extra):
-    return accelerate_launch(
+    """In this process (test_train_sd.py launches the script)."""
+    main_in_process(
         "train_smpo_diffusion.py", "--pretrained_model_name_or_path", assets / "tiny-sd", "--dataset_name", dataset,
         "--output_dir", output_dir, "--resolution", 32, "--train_batch_size", 3, "--max_train_steps", 3,
         "--learning_rate", 1e-3, "--seed", 0, "--no_hflip", *extra)
@@ -31,9 +33,20 @@ def plain(tiny_assets, scored_dataset, tmp_path_factory):
     return out
 
 
-def test_cached_latents_and_text_train_like_the_uncached_run(tiny_assets, scored_dataset, plain, tmp_path):
-    proc = train(tiny_assets, scored_dataset, tmp_path / "cached", "--cache_latents", "--cache_text_embeddings")
-    assert "caching latents" in proc.stderr and "caching text embeddings" in proc.stderr
+def output_of(capsys, caplog, *run):
+    """What a run wrote to stderr (its progress bars) and logged from INFO up."""
+    capsys.readouterr()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="smpo"):
+        train(*run)
+    return capsys.readouterr().err + caplog.text
+
+
+def test_cached_latents_and_text_train_like_the_uncached_run(tiny_assets, scored_dataset, plain, tmp_path, capsys,
+                                                             caplog):
+    log = output_of(capsys, caplog, tiny_assets, scored_dataset, tmp_path / "cached", "--cache_latents",
+                    "--cache_text_embeddings")
+    assert "caching latents" in log and "caching text embeddings" in log
     cache = scored_dataset / "smpo-cache"  # next to the dataset's own files
     assert any(f.name.startswith("latents-") for f in cache.iterdir())
     assert any(f.name.startswith("text-") for f in cache.iterdir())
@@ -43,8 +56,9 @@ def test_cached_latents_and_text_train_like_the_uncached_run(tiny_assets, scored
     b = load_file(tmp_path / "cached" / "pytorch_lora_weights.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
-    proc = train(tiny_assets, scored_dataset, tmp_path / "again", "--cache_latents", "--cache_text_embeddings")
-    assert "using cached latents" in proc.stderr and "caching latents" not in proc.stderr
+    log = output_of(capsys, caplog, tiny_assets, scored_dataset, tmp_path / "again", "--cache_latents",
+                    "--cache_text_embeddings")
+    assert "using cached latents" in log and "caching latents" not in log
     assert losses(tmp_path / "again") == losses(tmp_path / "cached")
 
 

@@ -3,13 +3,12 @@
 
 import json
 import shutil
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, accelerate_launch, index_only_model, run_script
+from conftest import index_only_model, main_in_process
 from PIL import Image
 
 from smpo.data import PairTransform, PreferenceCollator, load_preference_dataset, open_image
@@ -26,8 +25,7 @@ def generate(assets, model, out, *extra):
     argv = ["--pretrained_model_name_or_path", assets / model, "--prompts_file", out.parent / "prompts.txt",
             "--reward_model_name_or_path", assets / "tiny-reward", "--num_images_per_prompt", 2,
             "--num_inference_steps", 3, "--resolution", RES, "--batch_size", 1, "--seed", 5, "--output_dir", out]
-    run_script([sys.executable, f"{ROOT}/generate_pairs.py", *map(str, argv + list(extra))],
-               env={"OMP_NUM_THREADS": "1"})
+    main_in_process("generate_pairs.py", *argv, *extra)  # one thread (test_generate_pairs.py runs the script)
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +157,10 @@ def metrics(output_dir):
 
 
 def train(script, model, assets, dataset, out, *extra):
-    accelerate_launch(script, "--pretrained_model_name_or_path", assets / model, "--dataset_name", dataset,
-                      "--output_dir", out, "--resolution", RES, "--train_batch_size", 2, "--max_train_steps", 2,
-                      "--learning_rate", 1e-3, "--seed", 0, "--noise_source", "prior", *extra)
+    """In this process (test_train_sd.py and test_train_sdxl.py launch the scripts)."""
+    main_in_process(script, "--pretrained_model_name_or_path", assets / model, "--dataset_name", dataset,
+                    "--output_dir", out, "--resolution", RES, "--train_batch_size", 2, "--max_train_steps", 2,
+                    "--learning_rate", 1e-3, "--seed", 0, "--noise_source", "prior", *extra)
     logged = metrics(out)
     assert [m["step"] for m in logged] == [1, 2] and all(np.isfinite(m["loss"]) for m in logged)
     context = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["context"]

@@ -1,6 +1,7 @@
 """Bad data, non-finite losses, interrupted saves, stop signals and two-process training (CPU)."""
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -11,7 +12,7 @@ import time
 import datasets
 import pytest
 import torch
-from conftest import ROOT, accelerate_launch, run_script
+from conftest import ROOT, accelerate_launch, run_script, main_in_process
 from safetensors.torch import load_file
 
 from smpo.data import PairDataset, PairTransform, PreferenceCollator, load_preference_dataset, open_image, select_pairs
@@ -27,9 +28,13 @@ def train_args(assets, dataset, output_dir, *extra, steps=2):
             "--learning_rate", 1e-3, "--seed", 0, "--checkpointing_steps", 2, *extra]
 
 
-def train(assets, dataset, output_dir, *extra, steps=2, check=True, env=None):
-    return accelerate_launch("train_smpo_diffusion.py", *train_args(assets, dataset, output_dir, *extra, steps=steps),
-                             check=check, env=env)
+def train(assets, dataset, output_dir, *extra, steps=2, check=True, env=None, launch=False):
+    """A run in this process (its messages in caplog, a stop raises); with ``launch``, through `accelerate launch`:
+    the runs that are killed, and the two-process ones."""
+    argv = train_args(assets, dataset, output_dir, *extra, steps=steps)
+    if launch:
+        return accelerate_launch("train_smpo_diffusion.py", *argv, check=check, env=env)
+    return main_in_process("train_smpo_diffusion.py", *argv, env=env)
 
 
 def summary(output_dir):
@@ -89,11 +94,12 @@ def test_data_layer_yields_exactly_the_good_pairs_winner_first(dirty_dataset):
     assert seen == [r for r in range(16) if r not in (CORRUPT_ROW, TRUNCATED_ROW, NAN_ROW)]
 
 
-def test_dirty_dataset_trains_to_the_end_and_reports_each_bad_row(tiny_assets, dirty_dataset, tmp_path):
+def test_dirty_dataset_trains_to_the_end_and_reports_each_bad_row(tiny_assets, dirty_dataset, tmp_path, caplog):
     # 15 pairs after the NaN row, 5 batches of 3 = one epoch; 2 of them hold an unreadable pair. Two epochs: the
     # limit (0.2 x 15 = 3 pairs) counts each bad row once, not once per epoch.
-    proc = train(tiny_assets, dirty_dataset, tmp_path / "smpo", "--max_bad_pair_fraction", 0.2, steps=10)
-    log = proc.stderr
+    with caplog.at_level(logging.INFO, logger="smpo"):
+        train(tiny_assets, dirty_dataset, tmp_path / "smpo", "--max_bad_pair_fraction", 0.2, steps=10)
+    log = caplog.text
     assert f"row {CORRUPT_ROW}: unreadable image in jpg_1" in log and f"row {TRUNCATED_ROW}" in log
     assert f"[{NAN_ROW}]" in log
     s = summary(tmp_path / "smpo")
@@ -161,36 +167,40 @@ def test_two_processes_skip_together_a_batch_one_of_them_cannot_read(tiny_assets
 
 @pytest.fixture(scope="module")
 def straight(tiny_assets, scored_dataset, tmp_path_factory):
-    """One uninterrupted 7-step LoRA run (a checkpoint after every step) that the other runs are compared with."""
+    """One uninterrupted 7-step LoRA run (a checkpoint after every step) that the other runs are compared with
+    (in this process, one thread: the same numbers as a launched run)."""
     out = tmp_path_factory.mktemp("straight") / "straight"
     train(tiny_assets, scored_dataset, out, "--checkpointing_steps", 1, steps=7)
     return out
 
 
 def test_a_nan_loss_skips_its_update_and_too_many_in_a_row_stop_the_run(tiny_assets, scored_dataset, straight,
-                                                                         tmp_path):
+                                                                         tmp_path, caplog):
     """NaN losses at steps 2, 4 and 5 with --max_nonfinite_steps 2: step 2 is skipped and training goes on (step 3
     resets the count), steps 4 and 5 in a row stop the run."""
     out = tmp_path / "nan"
-    proc = train(tiny_assets, scored_dataset, out, "--max_nonfinite_steps", 2, "--checkpointing_steps", 2,
-                 env={"SMPO_TEST_NAN_LOSS_AT_STEPS": "2,4,5"}, steps=7, check=False)
-    assert proc.returncode != 0 and "non-finite loss" in proc.stderr and "steps [4, 5]" in proc.stderr
+    with pytest.raises(SystemExit) as stop:
+        train(tiny_assets, scored_dataset, out, "--max_nonfinite_steps", 2, "--checkpointing_steps", 2,
+              env={"SMPO_TEST_NAN_LOSS_AT_STEPS": "2,4,5"}, steps=7)
+    assert "non-finite loss" in caplog.text and "steps [4, 5]" in str(stop.value)
     assert [m["skipped_update"] for m in metrics(out)] == [0, 1, 0, 1]  # the run stops before logging step 5
     # the skipped step 2 changed nothing: checkpoint-2 holds the weights after step 1
     assert max_diff(out / "checkpoint-2", straight / "checkpoint-1") == 0
 
 
 def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(tiny_assets, scored_dataset, straight,
-                                                                         tmp_path):
+                                                                         tmp_path, capsys):
     """Killed while writing checkpoint-4: resumed from checkpoint-2 (LoRA), across the epoch's end (6 batches of
     3 pairs), the weights and losses equal a straight run's."""
     out = tmp_path / "killed"
-    proc = train(tiny_assets, scored_dataset, out, env={"SMPO_TEST_KILL_DURING_SAVE": "4"}, steps=7, check=False)
+    proc = train(tiny_assets, scored_dataset, out, env={"SMPO_TEST_KILL_DURING_SAVE": "4"}, steps=7, check=False,
+                 launch=True)
     assert proc.returncode != 0
     assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4.tmp").is_dir()
     assert not (out / "checkpoint-4").exists()
-    proc = train(tiny_assets, scored_dataset, out, "--resume_from_checkpoint", "latest", steps=7)
-    assert f"Resuming from {out / 'checkpoint-2'}" in proc.stdout + proc.stderr
+    capsys.readouterr()
+    train(tiny_assets, scored_dataset, out, "--resume_from_checkpoint", "latest", steps=7)
+    assert f"Resuming from {out / 'checkpoint-2'}" in capsys.readouterr().out
     assert not (out / "checkpoint-4.tmp").exists() and (out / "checkpoint-4").is_dir()
     assert max_diff(out, straight) <= 1e-6
     assert [m["step"] for m in metrics(out)] == list(range(1, 8))

@@ -1,6 +1,7 @@
-"""End to end: train_smpo_diffusion_flux.py through `accelerate launch` on the tiny FLUX pipeline (CPU).
+"""End to end: train_smpo_diffusion_flux.py on the tiny FLUX pipeline (CPU).
 
-The runs are shared by the tests of this module (module-scoped fixtures), each a few steps."""
+The runs are shared by the tests of this module (module-scoped fixtures), each a few steps: smpo_run's two
+through `accelerate launch`, the others in this process (main_in_process)."""
 
 import json
 import shutil
@@ -9,14 +10,15 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import accelerate_launch, lora_up
+from conftest import accelerate_launch, lora_up, main_in_process
 from safetensors.torch import load_file
 
 SCRIPT = "train_smpo_diffusion_flux.py"
 
 
-def train(assets, dataset, output_dir, *extra, steps=2):
-    return accelerate_launch(
+def train(assets, dataset, output_dir, *extra, steps=2, launch=False):
+    """A run in this process; with ``launch``, through `accelerate launch` (smpo_run's runs: the launch path)."""
+    return (accelerate_launch if launch else main_in_process)(
         SCRIPT, "--pretrained_model_name_or_path", assets / "tiny-flux", "--dataset_name", dataset,
         "--output_dir", output_dir, "--resolution", 32, "--train_batch_size", 2, "--max_train_steps", steps,
         "--learning_rate", 1e-3, "--seed", 0, "--max_sequence_length", 16, "--checkpointing_steps", 1000, *extra)
@@ -60,11 +62,11 @@ def smpo_run(tiny_assets, scored_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("flux-smpo")
     extra = ["--loss_type", "smpo", "--noise_source", "renoise", "--num_inversion_steps", 2, "--use_8bit_adam",
              "--gradient_checkpointing", "--cache_text_embeddings", "--checkpointing_steps", 2]
-    train(tiny_assets, scored_dataset, root / "straight", *extra, steps=3)
+    train(tiny_assets, scored_dataset, root / "straight", *extra, steps=3, launch=True)
     shutil.copytree(root / "straight" / "checkpoint-2", root / "resumed" / "checkpoint-2")
     shutil.copy(root / "straight" / "metrics.jsonl", root / "resumed" / "metrics.jsonl")
     resumed = train(tiny_assets, scored_dataset, root / "resumed", *extra, "--resume_from_checkpoint", "latest",
-                    steps=3)
+                    steps=3, launch=True)
     return root, resumed
 
 

@@ -1,4 +1,5 @@
-"""End to end: train_smpo_diffusion.py through `accelerate launch` on the tiny assets (CPU)."""
+"""End to end: train_smpo_diffusion.py on the tiny assets (CPU): the first run through `accelerate launch`, the
+others in this process (the same main; test_reliability.py launches more)."""
 
 import json
 
@@ -6,17 +7,18 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import accelerate_launch, index_only_model, lora_up
+from conftest import accelerate_launch, index_only_model, lora_up, main_in_process
 from safetensors.torch import load_file
 
 SCRIPT = "train_smpo_diffusion.py"
 
 
-def train(assets, dataset, output_dir, *extra, model="tiny-sd", steps=2, check=True):
-    return accelerate_launch(
+def train(assets, dataset, output_dir, *extra, model="tiny-sd", steps=2, launch=False):
+    """A run in this process; with ``launch``, through `accelerate launch` (the first test's run: the launch path)."""
+    return (accelerate_launch if launch else main_in_process)(
         SCRIPT, "--pretrained_model_name_or_path", assets / model, "--dataset_name", dataset,
         "--output_dir", output_dir, "--resolution", 32, "--train_batch_size", 2, "--max_train_steps", steps,
-        "--learning_rate", 1e-3, "--seed", 0, "--checkpointing_steps", 1000, *extra, check=check)
+        "--learning_rate", 1e-3, "--seed", 0, "--checkpointing_steps", 1000, *extra)
 
 
 def generate(pipe, prompt="a red circle on grey"):
@@ -48,7 +50,7 @@ def test_lora_smpo_run_saves_weights_that_load_and_change_images(tiny_assets, sc
     # rank 64: the 64x64 projections' LoRA matrices reach bitsandbytes' min_8bit_size (4096 elements, below
     # which it keeps 32-bit state), the 64x32 cross-attention inputs stay under it
     train(tiny_assets, scored_dataset, out, "--use_8bit_adam", "--gradient_checkpointing", "--rank", 64,
-          "--checkpointing_steps", 3, steps=3)
+          "--checkpointing_steps", 3, steps=3, launch=True)
     states = optimizer_states(out / "checkpoint-3")
     assert {s["state1"].numel() >= 4096 for s in states} == {True, False}
     for s in states:
@@ -133,7 +135,7 @@ def test_v_prediction_model_trains_with_the_authors_inversion_and_data_selection
 
 
 def test_full_finetune_resumes_exactly_and_saves_a_pipeline_that_loads_and_differs(tiny_assets, scored_dataset,
-                                                                                   tmp_path):
+                                                                                   tmp_path, capsys):
     """A new run given a straight 7-step run's checkpoint-2 (and its metrics.jsonl, whose later lines the resume
     drops) resumes to step 7 (crossing an epoch) == the straight run, 8-bit AdamW state included. (LoRA, and a
     run really interrupted: the killed-save test in test_reliability.py.)"""
@@ -145,9 +147,9 @@ def test_full_finetune_resumes_exactly_and_saves_a_pipeline_that_loads_and_diffe
     train(tiny_assets, scored_dataset, tmp_path / "straight", *extra, steps=7)
     shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
     shutil.copy(tmp_path / "straight" / "metrics.jsonl", tmp_path / "resumed" / "metrics.jsonl")
-    proc = train(tiny_assets, scored_dataset, tmp_path / "resumed", *extra, "--resume_from_checkpoint", "latest",
-                 steps=7)
-    assert "Resuming from" in proc.stdout + proc.stderr
+    capsys.readouterr()
+    train(tiny_assets, scored_dataset, tmp_path / "resumed", *extra, "--resume_from_checkpoint", "latest", steps=7)
+    assert "Resuming from" in capsys.readouterr().out
     assert sorted(d.name for d in (tmp_path / "resumed").glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (2, 4, 6)]
     # the counted UNet work (a second, frozen reference UNet here) continues from the checkpoint's total
     work = [[(m["unet_work"], m["unet_work_total"]) for m in metrics(tmp_path / run)] for run in ("straight", "resumed")]

@@ -1,6 +1,8 @@
-"""End to end: train_smpo_diffusion_sd3.py through `accelerate launch` on tiny SD3 pipelines (with and without T5).
+"""End to end: train_smpo_diffusion_sd3.py on tiny SD3 pipelines (with and without T5).
 
-The runs are module-scoped and shared across assertions: each trains a few steps on the CPU.
+The runs are module-scoped and shared across assertions: each trains a few steps on the CPU, the 8-bit AdamW run
+and its resume through `accelerate launch`, the others in this process (main_in_process: the same main, without
+a new interpreter's imports, which are most of a tiny run's cost).
 """
 
 import json
@@ -10,19 +12,21 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import accelerate_launch, lora_up
+from conftest import accelerate_launch, lora_up, main_in_process
 from safetensors.torch import load_file
 
 SCRIPT = "train_smpo_diffusion_sd3.py"
 NO_T5 = {"text_encoder_3": None, "tokenizer_3": None}
 
 
-def train(assets, dataset, output_dir, *extra, model="tiny-sd3", steps=2, check=True, env=None):
-    return accelerate_launch(
-        SCRIPT, "--pretrained_model_name_or_path", assets / model, "--dataset_name", dataset,
-        "--output_dir", output_dir, "--resolution", 32, "--train_batch_size", 2, "--max_train_steps", steps,
-        "--learning_rate", 1e-3, "--seed", 0, "--checkpointing_steps", 1000, "--num_inversion_steps", 2, *extra,
-        check=check, env=env)
+def train(assets, dataset, output_dir, *extra, model="tiny-sd3", steps=2, env=None, launch=True):
+    """Through `accelerate launch`; without ``launch``, in this process (runs whose launch path the others cover)."""
+    argv = ("--pretrained_model_name_or_path", assets / model, "--dataset_name", dataset, "--output_dir", output_dir,
+            "--resolution", 32, "--train_batch_size", 2, "--max_train_steps", steps, "--learning_rate", 1e-3,
+            "--seed", 0, "--checkpointing_steps", 1000, "--num_inversion_steps", 2, *extra)
+    if launch:
+        return accelerate_launch(SCRIPT, *argv, env=env)
+    return main_in_process(SCRIPT, *argv, env=env)
 
 
 def pipeline(assets, model):
@@ -45,7 +49,8 @@ def metrics(output_dir):
 def runs(tiny_assets, scored_dataset, tmp_path_factory):
     """LoRA runs: {model: {loss: output folder}} for SD3 with and without T5, smpo+renoise and dpo+forward.
     With T5, smpo: 3 steps, a checkpoint at 2, 8-bit AdamW, gradient checkpointing, cached text embeddings.
-    Without T5: smpo with validation images; dpo with cached latents and Adafactor."""
+    Without T5: smpo with validation images; dpo with cached latents and Adafactor. The first through `accelerate
+    launch` (with the resume and error tests: the launch path), the others in this process."""
     root = tmp_path_factory.mktemp("sd3")
     out = {}
     for model in ("tiny-sd3", "tiny-sd3-no-t5"):
@@ -60,8 +65,9 @@ def runs(tiny_assets, scored_dataset, tmp_path_factory):
             if model == "tiny-sd3-no-t5" and loss == "smpo":
                 extra += ["--run_validation", "--validation_steps", 1, "--validation_num_inference_steps", 2,
                           "--validation_prompts", "a cat"]
+            launch = model == "tiny-sd3" and loss == "smpo"  # launched; the other three in this process
             train(tiny_assets, scored_dataset, folder, *extra, model=model,
-                  steps=3 if "--checkpointing_steps" in extra else 2)
+                  steps=3 if "--checkpointing_steps" in extra else 2, launch=launch)
             out.setdefault(model, {})[loss] = folder
     return out
 
@@ -131,7 +137,8 @@ def test_equal_preferences_do_not_move_the_model(tiny_assets, scored_dataset, tm
     equal = datasets.load_from_disk(str(scored_dataset)).map(lambda e: {"reward_score_1": e["reward_score_0"]})
     equal.save_to_disk(str(tmp_path / "equal"))
     out = tmp_path / "out"
-    train(tiny_assets, tmp_path / "equal", out, "--adam_weight_decay", 0, model="tiny-sd3-no-t5")
+    train(tiny_assets, tmp_path / "equal", out, "--adam_weight_decay", 0, model="tiny-sd3-no-t5",
+          launch=False)
     assert all(m["weight"] == 0 and abs(m["loss"] - np.log(2)) < 1e-6 for m in metrics(out))
     weights = load_file(out / "pytorch_lora_weights.safetensors")
     assert lora_up(weights) and all(v.abs().max() == 0 for v in lora_up(weights))
@@ -141,7 +148,7 @@ def test_full_finetune_saves_a_pipeline_that_loads_and_differs(tiny_assets, scor
     from diffusers import StableDiffusion3Pipeline
 
     train(tiny_assets, scored_dataset, tmp_path, "--full_finetune", "--loss_type", "dpo", steps=1,
-          model="tiny-sd3-no-t5")
+          model="tiny-sd3-no-t5", launch=False)
     pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path, **NO_T5)
     assert np.abs(generate(pipe) - generate(pipeline(tiny_assets, "tiny-sd3-no-t5"))).max() > 1e-5
     assert "A fully fine-tuned transformer" in (tmp_path / "README.md").read_text()
@@ -149,12 +156,13 @@ def test_full_finetune_saves_a_pipeline_that_loads_and_differs(tiny_assets, scor
 
 def test_the_wrong_family_or_an_sd_only_schedule_stops_before_training_naming_the_fix(tiny_assets, scored_dataset,
                                                                                      tmp_path):
-    """Through accelerate launch (SD into the SD3 script), then in-process (the reverse, and grid_above)."""
+    """SD into the SD3 script, the reverse, and grid_above (in-process: test_run_checks.py shows such a stop
+    through `accelerate launch`)."""
     import train_smpo_diffusion
     import train_smpo_diffusion_sd3
 
-    proc = train(tiny_assets, scored_dataset, tmp_path / "a", model="tiny-sd", check=False)
-    assert proc.returncode != 0 and "use train_smpo_diffusion.py instead" in proc.stderr
+    with pytest.raises(SystemExit, match="use train_smpo_diffusion.py instead"):
+        train(tiny_assets, scored_dataset, tmp_path / "a", model="tiny-sd", launch=False)
     common = ["--dataset_name", str(scored_dataset), "--output_dir", str(tmp_path / "b")]
     args = train_smpo_diffusion.parse_args(["--pretrained_model_name_or_path", str(tiny_assets / "tiny-sd3"), *common])
     with pytest.raises(SystemExit, match="use train_smpo_diffusion_sd3.py instead"):
@@ -165,10 +173,10 @@ def test_the_wrong_family_or_an_sd_only_schedule_stops_before_training_naming_th
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_a_nan_loss_skips_its_update_as_in_the_sd_scripts(tiny_assets, scored_dataset, tmp_path):
-    proc = train(tiny_assets, scored_dataset, tmp_path, "--loss_type", "dpo", model="tiny-sd3-no-t5",
-                 env={"SMPO_TEST_NAN_LOSS_AT_STEPS": "1"})
-    assert "non-finite loss" in proc.stderr
+def test_a_nan_loss_skips_its_update_as_in_the_sd_scripts(tiny_assets, scored_dataset, tmp_path, caplog):
+    train(tiny_assets, scored_dataset, tmp_path, "--loss_type", "dpo", model="tiny-sd3-no-t5",
+          env={"SMPO_TEST_NAN_LOSS_AT_STEPS": "1"}, launch=False)
+    assert "non-finite loss" in caplog.text
     assert [m["skipped_update"] for m in metrics(tmp_path)] == [1, 0]
 
 

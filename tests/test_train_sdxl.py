@@ -5,7 +5,7 @@ import json
 import datasets
 import numpy as np
 import torch
-from conftest import accelerate_launch
+from conftest import accelerate_launch, main_in_process
 from safetensors.torch import load_file
 
 from smpo.data import PairDataset, PairTransform, PreferenceCollator
@@ -17,8 +17,9 @@ from smpo.step import Models, make_reference, training_step
 SCRIPT = "train_smpo_diffusion_sdxl.py"
 
 
-def train(assets, dataset, output_dir, *extra, steps=2):
-    return accelerate_launch(
+def train(assets, dataset, output_dir, *extra, steps=2, launch=False):
+    """A run in this process; with ``launch``, through `accelerate launch` (the LoRA run: the launch path)."""
+    return (accelerate_launch if launch else main_in_process)(
         SCRIPT, "--pretrained_model_name_or_path", assets / "tiny-sdxl", "--dataset_name", dataset,
         "--output_dir", output_dir, "--resolution", 32, "--train_batch_size", 2, "--max_train_steps", steps,
         "--learning_rate", 1e-3, "--seed", 0, "--use_8bit_adam", "--gradient_checkpointing", *extra)
@@ -78,7 +79,7 @@ def test_lora_run_on_uneven_pairs_loads_into_sdxl_pipeline_and_changes_images(ti
     from diffusers import StableDiffusionXLPipeline
 
     out = tmp_path / "lora"
-    train(tiny_assets, scored_dataset, out, "--random_crop", steps=3)
+    train(tiny_assets, scored_dataset, out, "--random_crop", steps=3, launch=True)
     weights = load_file(out / "pytorch_lora_weights.safetensors")
     assert any(v.abs().max() > 0 for k, v in weights.items() if ".lora.up." in k or "lora_B" in k)
 
