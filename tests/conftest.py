@@ -117,8 +117,8 @@ def scored_dataset(tiny_assets, tmp_path_factory):
 # loaded 2-core machine, 2026-11-30). pytest-xdist hands out whole modules (--dist=loadfile, pyproject.toml) in
 # collection order, so starting the long ones first keeps both workers busy to the end. Tests within a module keep
 # their order.
-SLOW_MODULES = ["test_toy_alignment", "test_readme", "test_reliability", "test_performance", "test_toy_flow", "test_flow_tools",
-                "test_run_checks", "test_generate_pairs", "test_train_sd", "test_objectives", "test_train_sd3",
+SLOW_MODULES = ["test_toy_alignment", "test_readme", "test_reliability", "test_performance", "test_toy_flow",
+                "test_flow_tools", "test_run_checks", "test_generate_pairs", "test_train_sd", "test_objectives", "test_train_sd3",
                 "test_train_flux", "test_evaluate", "test_train_sdxl", "test_prior_noise"]
 
 
