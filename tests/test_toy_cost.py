@@ -8,6 +8,7 @@ from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 from toy.experiment import parse_args  # noqa: E402
+from toy.report import dpo_level_note  # noqa: E402
 from toy.stats import aggregate, compare_with_dpo  # noqa: E402
 
 
@@ -33,6 +34,23 @@ def test_work_to_reach_dpo_final_is_the_counted_work_at_the_first_step_that_reac
     assert (dpo["unet_work_to_dpo_final"], smpo["unet_work_to_dpo_final"]) == (32, 96)
     assert smpo["unet_work_to_dpo_final_vs_dpo"] == 3.0
     assert smpo["step_cost_vs_dpo"] is None  # no wall-clock time recorded: no wall-clock column, not a guess
+
+
+def test_no_cost_to_reach_dpo_final_when_dpo_ends_below_the_base():
+    """DPO ends at 0.1 from a base at 0.3: every curve holds that level at step 0, so no steps or work are given."""
+    methods = {name: {"label": name, "flags": []} for name in ("dpo", "smpo")}
+    prefs = {("dpo", 2): 0.2, ("dpo", 4): 0.1, ("smpo", 2): 0.5, ("smpo", 4): 0.6}
+    jobs = [(name, 0, step, None) for (name, step) in prefs]
+    evaluated = [{"true_preference": p, "true_preference_se": 0.01} for p in prefs.values()]
+    records = {(name, 0): {"metrics_last": {}, "seconds_per_step": None, "unet_work_total": {s: 8 * s for s in range(1, 5)}}
+               for name in ("dpo", "smpo")}
+    base = {"true_preference": 0.3, "true_preference_se": 0.01}
+    results = {"methods": aggregate(methods, [("dpo", 0), ("smpo", 0)], jobs, evaluated, base, records), "base": base}
+    compare_with_dpo(results)
+    assert results["dpo_final_above_base"] is False
+    assert results["steps_to_dpo_final"] == {"dpo": None, "smpo": None}
+    assert results["methods"]["smpo"]["unet_work_to_dpo_final_vs_dpo"] is None
+    assert "not above the base's (+0.300)" in dpo_level_note(results)
 
 
 def test_prior_noise_methods_need_the_on_policy_pairs_that_record_the_noise(capsys):

@@ -84,7 +84,8 @@ def print_table(results):
             print(f"{res['label']:<32}{int(step):>6}  {row['true_preference']:>+8.3f} +- "
                   f"{row['true_preference_se']:.3f}  {z:>+12.1f}  {row['diversity']:>9.3f}  {row['drift']:>6.3f}")
     if "steps_to_dpo_final" in results:
-        print(f"\nsteps to reach Diffusion-DPO's final mean preference ({results['dpo_final']:+.3f}): "
+        print(f"\n{dpo_level_note(results)}" if not results.get("dpo_final_above_base", True) else
+              f"\nsteps to reach Diffusion-DPO's final mean preference ({results['dpo_final']:+.3f}): "
               + ", ".join(f"{results['methods'][k]['label']}: {v if v is not None else 'not reached'}"
                           for k, v in results["steps_to_dpo_final"].items()))
         fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
@@ -93,6 +94,12 @@ def print_table(results):
         for name, res in results["methods"].items():
             print(f"{res['label']:<32}{res['auc']:>+7.3f}{fmt(res['unet_work_per_step_vs_dpo']):>22}"
                   f"{fmt(res['unet_work_to_dpo_final_vs_dpo']):>25}{fmt(res['step_cost_vs_dpo']):>25}")
+
+
+def dpo_level_note(results):
+    return (f"Diffusion-DPO's final mean preference ({results['dpo_final']:+.3f}) is not above the base's "
+            f"({results['base']['true_preference']:+.3f}): every method 'reaches' it at step 0, so the steps and work "
+            "to reach it are not given (-); compare the curves and AUC instead.")
 
 
 def markdown_table(results):
@@ -119,7 +126,8 @@ def markdown_table(results):
             f"{fmt(res.get('step_cost_vs_dpo'), '.2f')} | "
             f"{last.get('model_minus_ref_w', float('nan')):+.4f} | {last.get('model_minus_ref_l', float('nan')):+.4f} | "
             f"{last.get('noise_std_w', float('nan')):.2f} / {last.get('noise_std_l', float('nan')):.2f} |")
-    return "\n".join(lines + ["", *curve_table(results)]) + "\n"
+    note = [] if results.get("dpo_final_above_base", True) else ["", dpo_level_note(results)]
+    return "\n".join(lines + note + ["", *curve_table(results)]) + "\n"
 
 
 def curve_table(results):
