@@ -58,7 +58,7 @@ def main(args):
     print("data: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in data_log.items()))
     timings["data_s"] = time.time() - t0
     renoise = any("renoise" in method(m)["flags"] for m in args.methods)
-    if renoise and (args.num_inversion_steps is None or args.num_renoise_steps is None):  # flow: K, R by the probe
+    if renoise and args.family == "flow" and None in (args.num_inversion_steps, args.num_renoise_steps):  # the probe
         inversion_probe(args, work, base_dir, key, scored, timings)
     args.num_inversion_steps = args.num_inversion_steps or 10  # without a renoise method: unused, the scripts' default
 
