@@ -1,9 +1,11 @@
 """inversion_probe.py on a flow pipeline (SD3-style, e.g. the toy's --family flow base): what each noise source
 gives the loss, per sigma bucket, before any training.
 
-For clean latents of the dataset's jpg_0 images at sigmas drawn uniformly within each bucket, derives the training
-noise with random forward noise and with the flow inversion (smpo.renoise.flow_inversion, K Euler steps from 0 to
-sigma, R ReNoise refinements each; every K of --num_inversion_steps with every R of --num_renoise_steps) and
+For clean latents of the dataset's jpg_0 images (VAE posterior samples, as the training step encodes them; the
+inversion amplifies the posterior's noise, so its mean would understate the noise) at sigmas drawn uniformly within
+each bucket, derives the training noise with random forward noise and with the flow inversion
+(smpo.renoise.flow_inversion, K Euler steps from 0 to sigma, R ReNoise refinements each; every K of
+--num_inversion_steps with every R of --num_renoise_steps) and
 reports per bucket, averaged over the samples:
 
 - ``err``: the base transformer's velocity error on the target v = (x_s - x0) / s, mean squared;
@@ -31,7 +33,7 @@ def load_flow(args):
 
     from smpo.data import PairTransform, load_preference_dataset, open_image
     from smpo.sampling import saved_without
-    from smpo.step import sample_latents
+    from smpo.step import encode_images
 
     path = args.pretrained_model_name_or_path
     pipeline_class = getattr(diffusers, diffusers.DiffusionPipeline.load_config(path)["_class_name"])
@@ -43,9 +45,10 @@ def load_flow(args):
     import random
 
     pixels = torch.stack([transform([open_image(dataset[i]["jpg_0"])], random)[0][0] for i in range(args.num_latents)])
+    # a posterior sample, shifted and scaled, as the training step encodes (not the mean: the inversion amplifies the
+    # posterior's noise several times over, so the mean's derived noise understates what training sees)
+    latents = encode_images(pipe.vae, pixels, args.batch_size, torch.Generator().manual_seed(args.seed))
     with torch.no_grad():
-        mean = pipe.vae.encode(pixels).latent_dist.mean  # the posterior mean, shifted and scaled as training does
-        latents = sample_latents(mean, torch.zeros_like(mean), pipe.vae, torch.Generator())
         cond, _, pooled, _ = pipe.encode_prompt(dataset[0]["caption"], None, None, do_classifier_free_guidance=False,
                                                 max_sequence_length=args.max_sequence_length)
     net = pipe.transformer.eval()

@@ -228,3 +228,34 @@ def test_a_copied_flow_script_trains_with_its_own_conditioning_class(tiny_assets
     logged = metrics(out)
     assert len(logged) == 2 and all(np.isfinite(m["loss"]) for m in logged)
     assert logged[0]["loss"] == pytest.approx(np.log(2), abs=1e-6) and logged[1]["loss"] != logged[0]["loss"]
+
+
+def test_flow_probe_inverts_posterior_samples_as_the_training_step_encodes(tiny_assets, scored_dataset):
+    """benchmarks/flow_probe.py inverts the latents training inverts: VAE posterior samples, not the posterior means.
+    (The flow inversion amplifies the posterior's noise: on the toy flow base the means' derived noise understates the
+    training step's by about half, docs/flow/posterior_noise.json.)"""
+    import os
+    import random
+    import sys
+
+    from conftest import ROOT
+
+    from smpo.data import PairTransform, load_preference_dataset, open_image
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import flow_probe
+    import inversion_probe
+
+    args = inversion_probe.parse_args(["--pretrained_model_name_or_path", str(tiny_assets / "tiny-sd3-no-t5"),
+                                       "--dataset_name", str(scored_dataset), "--num_latents", "3",
+                                       "--max_sequence_length", "16", "--output_dir", "unused"])
+    _, latents, _ = flow_probe.load_flow(args)
+    vae = pipeline(tiny_assets, "tiny-sd3-no-t5").vae
+    dataset = load_preference_dataset(str(scored_dataset), "train")
+    transform = PairTransform(32, random_crop=False, hflip=False)
+    pixels = torch.stack([transform([open_image(dataset[i]["jpg_0"])], random)[0][0] for i in range(3)])
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+    mean = (posterior.mean - vae.config.shift_factor) * vae.config.scaling_factor
+    standardised = (latents - mean) / (posterior.std * vae.config.scaling_factor)
+    assert abs(standardised.mean().item()) < 0.1 and abs(standardised.std().item() - 1) < 0.1

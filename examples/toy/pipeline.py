@@ -140,13 +140,18 @@ def train(args, base_dir, scored, runs_dir, run_key, timings):
     return f"  {method(name, family)['label']} (seed {seed}): {cfg['steps']} steps in {time.time() - t0:.0f} s"
 
 
+# in the probe's cache folder name: 2 inverts VAE posterior samples as training does (1, unnamed: posterior means,
+# whose derived noise std 0.55-0.73 understated training's ~1.1 on the flow base)
+PROBE_VERSION = 2
+
+
 def inversion_probe(args, work, base_dir, key, scored, timings):
     """The flow inversion's K and R (unless given): benchmarks/inversion_probe.py on the flow base and the world
     pairs (cached), then choose_inversion(). Sets args.num_inversion_steps, args.num_renoise_steps and
     args.inversion_choice (what was chosen from what)."""
     t0, cfg = time.time(), args.cfg
-    folder = os.path.join(work, f"probe-{key}-{cfg['probe_latents']}-{'_'.join(map(str, cfg['probe_k']))}-"
-                                f"{'_'.join(map(str, cfg['probe_r']))}")
+    folder = os.path.join(work, f"probe{PROBE_VERSION}-{key}-{cfg['probe_latents']}-"
+                                f"{'_'.join(map(str, cfg['probe_k']))}-{'_'.join(map(str, cfg['probe_r']))}")
 
     def probe():
         run([sys.executable, os.path.join(ROOT, "benchmarks", "inversion_probe.py"), "--pretrained_model_name_or_path",
