@@ -15,6 +15,7 @@ from smpo.data import PairTransform, PreferenceCollator, load_preference_dataset
 from smpo.noise_sources import NOISE_SOURCES
 from smpo.processes import Diffusion, RectifiedFlow
 from smpo.sampling import initial_noise
+from smpo.training import PRIOR_ON_DDPM
 
 RES = 32
 PROMPTS = ["a red circle on grey", "sunset over the sea"]
@@ -171,21 +172,24 @@ def train(script, model, assets, dataset, out, *extra):
 
 
 def test_sd_trains_on_generated_pairs_of_both_formats_with_prior_noise_the_latent_cache_too(pairs_of, tiny_assets,
-                                                                                           tmp_path):
+                                                                                           tmp_path, caplog):
     """The same pairs from save_to_disk (through --cache_latents) and from metadata.jsonl (images decoded
     every step): the same winners, noises and timesteps, so the same errors (the cache only rounds)."""
     script = "train_smpo_diffusion.py"
     cached = train(script, "tiny-sd", tiny_assets, pairs_of("tiny-sd", "save_to_disk"), tmp_path / "a",
                    "--cache_latents")
     plain = train(script, "tiny-sd", tiny_assets, pairs_of("tiny-sd", "metadata_jsonl"), tmp_path / "b")
+    assert caplog.text.count(PRIOR_ON_DDPM) == 2  # each run warns: prior noise trained an SD model the wrong way
     for key in ("model_err_w", "model_err_l", "noise_std_w", "noise_std_l"):
         np.testing.assert_allclose([m[key] for m in cached], [m[key] for m in plain], rtol=1e-4, err_msg=key)
 
 
 @pytest.mark.parametrize("output_format", ["save_to_disk", "metadata_jsonl"])
-def test_sdxl_trains_on_its_own_generated_pairs_with_prior_noise(pairs_of, tiny_assets, tmp_path, output_format):
+def test_sdxl_trains_on_its_own_generated_pairs_with_prior_noise(pairs_of, tiny_assets, tmp_path, output_format,
+                                                                 caplog):
     train("train_smpo_diffusion_sdxl.py", "tiny-sdxl", tiny_assets, pairs_of("tiny-sdxl", output_format),
           tmp_path / "out", "--loss_type", "dpo")
+    assert PRIOR_ON_DDPM in caplog.text
 
 
 def refuse(tiny_assets, tmp_path, dataset, *extra):
