@@ -9,6 +9,7 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 from toy.experiment import parse_args  # noqa: E402
 from toy.report import dpo_level_note  # noqa: E402
+from toy.runs import claim_runs_dir  # noqa: E402
 from toy.stats import aggregate, compare_with_dpo  # noqa: E402
 
 
@@ -59,3 +60,16 @@ def test_prior_noise_methods_need_the_on_policy_pairs_that_record_the_noise(caps
     assert "--data_source on_policy" in capsys.readouterr().err
     args = parse_args(["--data_source", "on_policy", "--methods", "smpo_prior", "dpo_prior"])
     assert args.methods == ["smpo_prior", "dpo_prior"]
+
+
+def test_a_runs_folder_refuses_an_experiment_on_other_data(tmp_path):
+    """Runs are keyed by method and seed: a second experiment with other data in the same work folder would
+    overwrite them (or, with --reuse_runs, reuse them); it stops first, naming both."""
+    runs = tmp_path / "runs-on-policy"
+    scored = lambda name: str(tmp_path / name / "pairs-scored")  # noqa: E731
+    claim_runs_dir(str(runs), str(tmp_path / "base-a"), scored("on-policy-warm"))
+    claim_runs_dir(str(runs), str(tmp_path / "base-a"), scored("on-policy-warm"))  # the same experiment again: fine
+    with pytest.raises(SystemExit, match="on-policy-cold.*own --work_dir"):
+        claim_runs_dir(str(runs), str(tmp_path / "base-a"), scored("on-policy-cold"))
+    with pytest.raises(SystemExit, match="base-b"):
+        claim_runs_dir(str(runs), str(tmp_path / "base-b"), scored("on-policy-warm"))

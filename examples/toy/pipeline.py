@@ -14,8 +14,8 @@ from .base import base_key, train_base
 from .data import preference_data
 from .experiment import ROOT, method
 from .family import FAMILIES
-from .runs import (accelerate_cmd, cached_stage, checkpoint_dirs, evaluate_checkpoint, init_evaluation, load_pipeline,
-                   parallel, python_env, read_json, run, run_dir, run_record, sample)
+from .runs import (accelerate_cmd, cached_stage, checkpoint_dirs, claim_runs_dir, evaluate_checkpoint, init_evaluation,
+                   load_pipeline, parallel, python_env, read_json, run, run_dir, run_record, sample)
 from .stats import aggregate, compare_with_dpo, summarize
 from .world import RESOLUTION, draw_disks
 
@@ -65,6 +65,7 @@ def main(args):
     # 4. the training runs: every method with every training seed, same settings
     t0 = time.time()
     runs_dir = os.path.join(work, "runs" if args.data_source == "world" else "runs-on-policy")
+    claim_runs_dir(runs_dir, base_dir, scored)
     runs = [(name, seed) for name in args.methods for seed in args.train_seeds]
     inverting_first = sorted(runs, key=lambda r: "renoise" not in method(r[0])["flags"])  # the longest runs first
     for line in parallel(lambda r: train(args, base_dir, scored, runs_dir, r, timings), inverting_first, args.jobs,

@@ -89,6 +89,20 @@ def run_dir(runs_dir, name, seed):
     return os.path.join(runs_dir, name, f"seed-{seed}")
 
 
+def claim_runs_dir(runs_dir, base_dir, scored):
+    """The runs in ``runs_dir`` are keyed by method and seed only: record which base and data they train on, and
+    stop (before a run is overwritten or reused) when an earlier experiment in this folder used others."""
+    made_from = {"base": os.path.basename(base_dir), "data": os.path.basename(os.path.dirname(scored))}
+    marker = os.path.join(runs_dir, "made_from.json")
+    before = read_json(marker)
+    if before is not None and before != made_from:
+        raise SystemExit(f"{runs_dir} holds runs trained on {before}, this experiment trains on {made_from} (other "
+                         "data or base settings): give it its own --work_dir (copy the base-* folder into it to keep "
+                         "the cached base), or remove that runs folder.")
+    os.makedirs(runs_dir, exist_ok=True)
+    write_json(marker, made_from)
+
+
 
 def run_record(path):
     """What the experiment keeps of a finished training run: its last logged training metrics, the UNet work it
