@@ -17,17 +17,24 @@ generation's resolution, center crop (the identity on a square image of that siz
 :func:`check_prior_data` refuses every other combination before any model loads.
 """
 
+import logging
+
 import torch
 
+from .conditioning import pipeline_family
 from .data import NOISE_SEED_COLUMNS
 from .loading import PreferenceDataError
 from .sampling import initial_noise
 
 PRIOR_COLUMNS = (*NOISE_SEED_COLUMNS, "noise_shape", "height", "width")
+PRIOR_ON_DDPM = ("--noise_source prior on a DDPM (epsilon / v) model: on our SD toy it trained the model against the "
+                 "labels, with DPO's loss and SmPO's (docs/prior_noise.md); forward or renoise are the measured choices.")
+logger = logging.getLogger("smpo")
 
 
 def check_prior_data(args, pairs):
-    """Refuse data without recorded noise and flags that move the image off its noise; turn flips off.
+    """Refuse data without recorded noise and flags that move the image off its noise; turn flips off; warn on a
+    DDPM model, where prior noise trained against the labels (docs/prior_noise.md).
 
     ``pairs``: a :class:`smpo.inputs.TrainingPairs`. Raises SystemExit (flags) or PreferenceDataError (data).
     """
@@ -51,6 +58,9 @@ def check_prior_data(args, pairs):
         raise SystemExit(f"--noise_source prior: {len(wrong)} pairs were generated at another size than "
                          f"--resolution {args.resolution} (row {row}: {h}x{w}); resizing moves the image off its "
                          f"initial noise. Train at the generation's resolution (--resolution {h}).")
+    family = pipeline_family(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    if family is not None and not family[1]:  # a DDPM (SD, SDXL), not a rectified flow
+        logger.warning(PRIOR_ON_DDPM)
 
 
 def prior_noise(noise_seeds, noise_shapes, latent_shape):

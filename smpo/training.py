@@ -35,8 +35,6 @@ from .setup import load_frozen_parts, make_lr_scheduler, make_optimizer, setup_u
 from .step import Models, make_reference
 
 logger = logging.getLogger("smpo")
-PRIOR_ON_DDPM = ("--noise_source prior on a DDPM (epsilon / v) model: on our SD toy it trained the model against the "
-                 "labels, with DPO's loss and SmPO's (docs/prior_noise.md); forward or renoise are the measured choices.")
 
 
 def train(args, conditioning_class, objective=None, noise_source=None):
@@ -57,8 +55,6 @@ def train(args, conditioning_class, objective=None, noise_source=None):
     pairs = open_training_pairs(args, objective, seed)  # bad data fails here, before any model loads
     if noise_source.check is not None:
         noise_source.check(args, pairs)  # e.g. prior: the data must carry each image's noise
-    if noise_source is NOISE_SOURCES["prior"] and not conditioning_class.flow:
-        logger.warning(PRIOR_ON_DDPM)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     conditioning, vae, process = load_frozen_parts(args, conditioning_class, accelerator.device, weight_dtype)
     unet, ref_unet = setup_unets(args, accelerator.device, weight_dtype, family=conditioning_class)

@@ -13,9 +13,9 @@ from PIL import Image
 
 from smpo.data import PairTransform, PreferenceCollator, load_preference_dataset, open_image
 from smpo.noise_sources import NOISE_SOURCES
+from smpo.prior_noise import PRIOR_ON_DDPM
 from smpo.processes import Diffusion, RectifiedFlow
 from smpo.sampling import initial_noise
-from smpo.training import PRIOR_ON_DDPM
 
 RES = 32
 PROMPTS = ["a red circle on grey", "sunset over the sea"]
