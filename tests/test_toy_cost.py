@@ -13,20 +13,27 @@ from toy.runs import claim_runs_dir  # noqa: E402
 from toy.stats import aggregate, compare_with_dpo  # noqa: E402
 
 
-def test_work_to_reach_dpo_final_is_the_counted_work_at_the_first_step_that_reaches_it():
-    """DPO: 8 units a step, reaches its final 0.2 at step 4 (32 units). SmPO: 48 a step (6x), reaches 0.2 already at
-    step 2 (96 units): 3x DPO's work to get there, though half the steps."""
-    methods = {name: {"label": name, "flags": []} for name in ("dpo", "smpo")}
-    runs = [("dpo", 0), ("smpo", 0)]
-    prefs = {("dpo", 2): 0.1, ("dpo", 4): 0.2, ("smpo", 2): 0.25, ("smpo", 4): 0.3}
+def compared(prefs, base_level, work_per_step):
+    """compare_with_dpo() on one training seed of dpo and smpo: ``prefs`` {(method, step): mean preference},
+    ``work_per_step`` {method: counted UNet work a step}, steps 1 to 4."""
+    methods = {name: {"label": name, "flags": []} for name in work_per_step}
     jobs = [(name, 0, step, None) for (name, step) in prefs]
     evaluated = [{"true_preference": p, "true_preference_se": 0.01} for p in prefs.values()]
     records = {(name, 0): {"metrics_last": {}, "seconds_per_step": None,
                            "unet_work_total": {s: per_step * s for s in range(1, 5)}}
-               for name, per_step in (("dpo", 8), ("smpo", 48))}
-    base = {"true_preference": 0.0, "true_preference_se": 0.01}
-    results = {"methods": aggregate(methods, runs, jobs, evaluated, base, records)}
+               for name, per_step in work_per_step.items()}
+    base = {"true_preference": base_level, "true_preference_se": 0.01}
+    results = {"methods": aggregate(methods, [(name, 0) for name in methods], jobs, evaluated, base, records),
+               "base": base}
     compare_with_dpo(results)
+    return results
+
+
+def test_work_to_reach_dpo_final_is_the_counted_work_at_the_first_step_that_reaches_it():
+    """DPO: 8 units a step, reaches its final 0.2 at step 4 (32 units). SmPO: 48 a step (6x), reaches 0.2 already at
+    step 2 (96 units): 3x DPO's work to get there, though half the steps."""
+    results = compared({("dpo", 2): 0.1, ("dpo", 4): 0.2, ("smpo", 2): 0.25, ("smpo", 4): 0.3}, base_level=0.0,
+                       work_per_step={"dpo": 8, "smpo": 48})
     dpo, smpo = results["methods"]["dpo"], results["methods"]["smpo"]
     assert [smpo["curve"][s]["unet_work"] for s in ("0", "2", "4")] == [0, 96, 192]
     assert (dpo["unet_work_per_step"], smpo["unet_work_per_step"]) == (8, 48)
@@ -39,15 +46,8 @@ def test_work_to_reach_dpo_final_is_the_counted_work_at_the_first_step_that_reac
 
 def test_no_cost_to_reach_dpo_final_when_dpo_ends_below_the_base():
     """DPO ends at 0.1 from a base at 0.3: every curve holds that level at step 0, so no steps or work are given."""
-    methods = {name: {"label": name, "flags": []} for name in ("dpo", "smpo")}
-    prefs = {("dpo", 2): 0.2, ("dpo", 4): 0.1, ("smpo", 2): 0.5, ("smpo", 4): 0.6}
-    jobs = [(name, 0, step, None) for (name, step) in prefs]
-    evaluated = [{"true_preference": p, "true_preference_se": 0.01} for p in prefs.values()]
-    records = {(name, 0): {"metrics_last": {}, "seconds_per_step": None, "unet_work_total": {s: 8 * s for s in range(1, 5)}}
-               for name in ("dpo", "smpo")}
-    base = {"true_preference": 0.3, "true_preference_se": 0.01}
-    results = {"methods": aggregate(methods, [("dpo", 0), ("smpo", 0)], jobs, evaluated, base, records), "base": base}
-    compare_with_dpo(results)
+    results = compared({("dpo", 2): 0.2, ("dpo", 4): 0.1, ("smpo", 2): 0.5, ("smpo", 4): 0.6}, base_level=0.3,
+                       work_per_step={"dpo": 8, "smpo": 8})
     assert results["dpo_final_above_base"] is False
     assert results["steps_to_dpo_final"] == {"dpo": None, "smpo": None}
     assert results["methods"]["smpo"]["unet_work_to_dpo_final_vs_dpo"] is None
